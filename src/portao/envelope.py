@@ -88,18 +88,24 @@ class Push(msgspec.Struct, frozen=True, array_like=True, tag="push"):
 
 
 class Join(msgspec.Struct, frozen=True, array_like=True, tag="join"):
-    """`ctx.join`: connection `conn` of the receiving gateway joins `room`."""
+    """`ctx.join`: connection `conn` (of user `user`) of the receiving gateway joins `room`.
+
+    `user` lets the gateway remove the stored membership when the connection has
+    closed before the join arrived.
+    """
 
     conn: int
     room: str
+    user: str
     v: int = ENVELOPE_VERSION
 
 
 class Leave(msgspec.Struct, frozen=True, array_like=True, tag="leave"):
-    """`ctx.leave`: connection `conn` of the receiving gateway leaves `room`."""
+    """`ctx.leave`: connection `conn` (of user `user`) of the receiving gateway leaves `room`."""
 
     conn: int
     room: str
+    user: str
     v: int = ENVELOPE_VERSION
 
 
