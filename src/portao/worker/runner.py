@@ -1,0 +1,335 @@
+"""The worker loop: fetch -> handle -> reply -> ack, with retries, claims and a drain.
+
+`Worker.run` owns one TaskGroup: a task per message in hand, a claim extender and an
+ack flusher. Messages are acknowledged only after their handler finished and the
+reply was written (at-least-once); a failing handler is retried here with doubling
+delays while its claim is kept alive, then dead-lettered; a claim this worker lost
+(it was frozen past the visibility timeout) drops the result, since another worker
+now owns the message.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import os
+import socket
+import time
+from dataclasses import dataclass
+
+import msgspec
+
+from portao.broker.base import Broker, Delivery, StateStore
+from portao.config import Settings
+from portao.envelope import Envelope, ErrorReply, Reply
+from portao.errors import BrokerError, ConfigError, ErrorCode
+from portao.worker.app import App
+from portao.worker.context import Context, encode_json
+
+log = logging.getLogger("portao.worker")
+
+#: Longest error text kept in the dead-letter queue.
+MAX_ERROR_CHARS = 1000
+#: Pause after a failed fetch or ack before trying the broker again.
+BROKER_RETRY_S = 0.5
+
+
+@dataclass(slots=True)
+class WorkerStats:
+    """Counters for the metrics endpoint; they only grow."""
+
+    handled: int = 0  # finished and acknowledged
+    failed_attempts: int = 0  # handler raised or timed out
+    retries: int = 0  # attempts scheduled again in this worker
+    dead_lettered: int = 0  # attempts spent, moved to the dead-letter queue
+    expired_skipped: int = 0  # call not started: its deadline had passed
+    lost_claims: int = 0  # result dropped: another worker reclaimed the message
+    late: int = 0  # call answered after its deadline (the gateway drops it)
+
+
+@dataclass(eq=False, slots=True)
+class _Job:
+    """One message in hand; `lost` once the broker says another consumer owns it."""
+
+    delivery: Delivery
+    lost: bool = False
+
+
+class Worker:
+    """Runs an app's handlers on messages from a broker; one `run` per Worker.
+
+    `fetch_timeout_s` bounds one broker fetch: how soon a stop request is noticed
+    while idle, and how long burst mode waits for more work.
+    """
+
+    def __init__(
+        self,
+        app: App,
+        broker: Broker,
+        state: StateStore,
+        settings: Settings,
+        *,
+        consumer_id: str | None = None,
+        fetch_timeout_s: float = 1.0,
+    ) -> None:
+        self.app = app
+        self.broker = broker
+        self.state = state
+        self.settings = settings
+        self.consumer_id = consumer_id or (
+            f"{app.name}-{socket.gethostname()}-{os.getpid()}-{os.urandom(3).hex()}"
+        )
+        self.stats = WorkerStats()
+        self._fetch_timeout_s = fetch_timeout_s
+        self._routes = sorted(app.routes)
+        self._jobs: dict[_Job, asyncio.Task[None]] = {}
+        self._acks: list[Delivery] = []
+        self._ack_wanted = asyncio.Event()
+        self._wakeup = asyncio.Event()  # a slot freed or a stop was requested
+        self._stop = asyncio.Event()
+        self._running = False
+        self._done = asyncio.Event()
+
+    def __repr__(self) -> str:
+        return f"Worker({self.app.name!r}, consumer_id={self.consumer_id!r})"
+
+    @property
+    def stopping(self) -> bool:
+        """True once a stop was requested: no more fetching, in-hand work drains."""
+        return self._stop.is_set()
+
+    @property
+    def in_flight(self) -> int:
+        """Messages in hand (running, or waiting for a retry)."""
+        return len(self._jobs)
+
+    def request_stop(self) -> None:
+        """Ask `run` to drain and return; safe from a signal handler."""
+        self._stop.set()
+        self._wakeup.set()
+
+    async def stop(self) -> None:
+        """Request a stop and wait until `run` has drained and returned."""
+        self.request_stop()
+        if self._running:
+            await self._done.wait()
+
+    async def run(self, *, burst: bool = False) -> None:
+        """Take and handle messages until stopped (or, with `burst`, until idle).
+
+        Burst mode returns once a fetch brought nothing and nothing is in hand,
+        which makes tests deterministic.
+        """
+        if not self._routes:
+            raise ConfigError(f"app {self.app.name!r} has no routes")
+        await self.broker.register_routes(self._routes)
+        self._running = True
+        try:
+            async with asyncio.TaskGroup() as tg:
+                extender = tg.create_task(self._extend_loop(), name="portao-worker-extend")
+                acker = tg.create_task(self._ack_loop(), name="portao-worker-ack")
+                await self._fetch_loop(tg, burst)
+                await self._drain()
+                extender.cancel()
+                acker.cancel()
+            try:
+                await self._flush_acks()
+            except BrokerError as exc:
+                log.warning(
+                    "final ack of %d messages failed (redelivered later): %s", len(self._acks), exc
+                )
+        finally:
+            self._running = False
+            self._done.set()
+
+    # -- the loops -------------------------------------------------------------
+
+    async def _fetch_loop(self, tg: asyncio.TaskGroup, burst: bool) -> None:
+        while not self.stopping:
+            self._wakeup.clear()
+            free = self.settings.worker_concurrency - len(self._jobs)
+            if free <= 0:
+                await self._wakeup.wait()
+                continue
+            try:
+                deliveries = await self.broker.fetch(
+                    self.consumer_id, self._routes, free, self._fetch_timeout_s
+                )
+            except BrokerError as exc:
+                log.warning("fetch failed, retrying in %.1f s: %s", BROKER_RETRY_S, exc)
+                await self._sleep_unless_stopping(BROKER_RETRY_S)
+                continue
+            for delivery in deliveries:
+                job = _Job(delivery)
+                self._jobs[job] = tg.create_task(
+                    self._handle(job), name=f"portao-msg-{delivery.envelope.id}"
+                )
+            if burst and not deliveries and not self._jobs:
+                return
+
+    async def _drain(self) -> None:
+        """Let handlers in hand finish up to the drain deadline; abandon the rest."""
+        if not self._jobs:
+            return
+        tasks = list(self._jobs.values())
+        log.info("draining %d messages (up to %.1f s)", len(tasks), self.settings.drain_timeout_s)
+        _, pending = await asyncio.wait(tasks, timeout=self.settings.drain_timeout_s)
+        if pending:
+            # Not acked and no longer extended: another worker reclaims them.
+            log.warning("abandoning %d unfinished messages at drain deadline", len(pending))
+            for task in pending:
+                task.cancel()
+
+    async def _extend_loop(self) -> None:
+        """Keep claims on messages in hand alive, in one batched call per period."""
+        while True:
+            await asyncio.sleep(self.settings.visibility_timeout_s / 3)
+            jobs = [job for job in self._jobs if not job.lost]
+            if not jobs:
+                continue
+            try:
+                lost = await self.broker.extend(self.consumer_id, [j.delivery for j in jobs])
+            except BrokerError as exc:
+                log.warning("claim extension of %d messages failed: %s", len(jobs), exc)
+                continue
+            for job in jobs:
+                if job.delivery in lost:
+                    job.lost = True
+                    log.warning("lost the claim on message %s", job.delivery.envelope.id)
+
+    async def _ack_loop(self) -> None:
+        """Acknowledge finished messages in batches: whatever piled up meanwhile."""
+        while True:
+            await self._ack_wanted.wait()
+            self._ack_wanted.clear()
+            try:
+                await self._flush_acks()
+            except BrokerError as exc:
+                log.warning("ack of %d messages failed, retrying: %s", len(self._acks), exc)
+                self._ack_wanted.set()
+                await asyncio.sleep(BROKER_RETRY_S)
+
+    async def _flush_acks(self) -> None:
+        if not self._acks:
+            return
+        batch, self._acks = self._acks, []
+        try:
+            await self.broker.ack(self.consumer_id, batch)
+        except BaseException:
+            self._acks[:0] = batch
+            raise
+
+    # -- one message -----------------------------------------------------------
+
+    async def _handle(self, job: _Job) -> None:
+        try:
+            await self._process(job)
+        except BrokerError as exc:
+            # Not acked: the message comes back after the visibility timeout.
+            log.warning(
+                "message %s released after a broker error: %s", job.delivery.envelope.id, exc
+            )
+        finally:
+            del self._jobs[job]
+            self._wakeup.set()
+
+    async def _process(self, job: _Job) -> None:
+        delivery = job.delivery
+        env = delivery.envelope
+        max_attempts = self.settings.max_attempts
+        if delivery.deliveries > max_attempts:
+            await self._give_up(
+                job,
+                delivery.deliveries - 1,
+                f"handler_error: delivered {delivery.deliveries} times, "
+                f"more than max_attempts={max_attempts}",
+            )
+            return
+        if _is_expired(env):
+            self.stats.expired_skipped += 1
+            self._ack(delivery)
+            return
+        attempt = delivery.deliveries
+        while True:
+            if job.lost:
+                self.stats.lost_claims += 1
+                return
+            try:
+                reply = await self._attempt(env, attempt)
+                break
+            except Exception as exc:
+                self.stats.failed_attempts += 1
+                log.warning(
+                    "handler for route %s failed on message %s (attempt %d/%d)",
+                    env.route,
+                    env.id,
+                    attempt,
+                    max_attempts,
+                    exc_info=True,
+                )
+                if attempt >= max_attempts:
+                    await self._give_up(job, attempt, f"{type(exc).__name__}: {exc}")
+                    return
+            self.stats.retries += 1
+            await asyncio.sleep(self.settings.retry_delay_s * 2 ** (attempt - delivery.deliveries))
+            attempt += 1
+        if job.lost:
+            self.stats.lost_claims += 1
+            return
+        if reply is not None:
+            if _is_expired(env):
+                self.stats.late += 1
+            await self.broker.send_to_gateway(
+                env.gateway, Reply(ref=env.id, conn=env.conn, data=reply)
+            )
+        self.stats.handled += 1
+        self._ack(delivery)
+
+    async def _attempt(self, env: Envelope, attempt: int) -> bytes | None:
+        """Run the handler once; the encoded reply for a call, None for a send."""
+        handler = self.app.routes[env.route]
+        ctx = Context(env, attempt, self.broker, self.state)
+        limit = self.settings.handler_timeout_s
+        try:
+            async with asyncio.timeout(limit) as scope:
+                result = await handler(ctx, msgspec.json.decode(env.data))
+        except TimeoutError:
+            if scope.expired():
+                raise TimeoutError(f"handler timed out after {limit:g} s") from None
+            raise
+        return encode_json(result) if env.kind == "call" else None
+
+    async def _give_up(self, job: _Job, attempts: int, error: str) -> None:
+        """Answer a call with `handler_error`, then dead-letter the message."""
+        if job.lost:
+            self.stats.lost_claims += 1
+            return
+        env = job.delivery.envelope
+        log.error(
+            "message %s for route %s dead-lettered after %d attempts", env.id, env.route, attempts
+        )
+        if env.kind == "call":
+            message = f"handler for route {env.route} failed after {attempts} attempts"
+            await self.broker.send_to_gateway(
+                env.gateway,
+                ErrorReply(
+                    ref=env.id, conn=env.conn, code=ErrorCode.HANDLER_ERROR.value, message=message
+                ),
+            )
+        await self.broker.dead_letter(self.consumer_id, job.delivery, error[:MAX_ERROR_CHARS])
+        self.stats.dead_lettered += 1
+
+    def _ack(self, delivery: Delivery) -> None:
+        self._acks.append(delivery)
+        self._ack_wanted.set()
+
+    async def _sleep_unless_stopping(self, delay_s: float) -> None:
+        with contextlib.suppress(TimeoutError):
+            async with asyncio.timeout(delay_s):
+                await self._stop.wait()
+
+
+def _is_expired(env: Envelope) -> bool:
+    """A call whose caller has stopped waiting (sends never expire)."""
+    return env.kind == "call" and env.deadline is not None and env.deadline <= time.time()
