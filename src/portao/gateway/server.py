@@ -1,0 +1,493 @@
+"""The gateway process: listeners, connections, reply dispatch, shutdown.
+
+Owns every task it starts: the inbox reader, the heartbeat, the call-deadline
+ticker and the short-lived publish/bind tasks. Shutdown follows one fixed order
+(DESIGN.md §3.5): stop accepting → `bye shutdown` to everyone → drain calls in
+flight up to `drain_timeout_s` → `shutdown` errors to what is left → close
+connections → close the inbox and the broker links.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import random
+import time
+from collections.abc import Callable, Coroutine
+from dataclasses import dataclass, field
+from typing import Any
+
+from portao.broker.base import Broker, Member, StateStore
+from portao.config import Settings
+from portao.envelope import (
+    ErrorReply,
+    InboxMessage,
+    Join,
+    Leave,
+    Push,
+    Reply,
+    new_gateway_id,
+)
+from portao.errors import BrokerError, ErrorCode
+from portao.gateway.connection import CLOSE_GRACE_S, ClientConnection
+from portao.gateway.listeners import ListenSpec, open_server, parse_listen
+from portao.routing.pending import PendingCall, PendingCalls
+from portao.session.actions import Authenticated, JoinRoom, LeaveRoom, Publish
+from portao.session.auth import TokenVerifier
+from portao.session.lifecycle import Limits, Session, State
+from portao.wire import messages as wire
+
+log = logging.getLogger("portao.gateway")
+
+#: Call deadlines are checked this often (the `timeout` answer is this precise).
+DEADLINE_TICK_S = 0.05
+INBOX_BATCH = 1000
+INBOX_WAIT_S = 1.0
+
+
+@dataclass(slots=True)
+class GatewayStats:
+    """Counters for the metrics endpoint and the tests."""
+
+    opened: int = 0
+    closed: int = 0
+    rejected_overloaded: int = 0
+    slow_consumers: int = 0
+    timeouts: int = 0
+    late_replies: int = 0
+    dropped_pushes: int = 0
+    publish_failures: int = 0
+    close_reasons: dict[str, int] = field(default_factory=dict)
+
+    def count_close(self, code: ErrorCode) -> None:
+        self.close_reasons[code.value] = self.close_reasons.get(code.value, 0) + 1
+
+
+class Gateway:
+    """Holds client connections and forwards their requests to the broker."""
+
+    def __init__(
+        self,
+        settings: Settings,
+        broker: Broker,
+        state: StateStore,
+        verifier: TokenVerifier,
+        *,
+        listen: list[str] | None = None,
+        reuse_port: bool = False,
+        gateway_id: str | None = None,
+    ) -> None:
+        self.settings = settings
+        self.broker = broker
+        self.state = state
+        self._own_state = not _same(state, broker)  # a separate store (RabbitMQ + Redis)
+        self.verifier = verifier
+        self.id = gateway_id or new_gateway_id()
+        self.specs: list[ListenSpec] = [parse_listen(u) for u in (listen or settings.listen)]
+        self.reuse_port = reuse_port
+        self.limits = Limits.from_settings(settings)
+        self.max_connections = settings.effective_max_connections
+        self.pending = PendingCalls()
+        self.stats = GatewayStats()
+        self.conns: dict[int, ClientConnection] = {}
+        self.users: dict[str, set[int]] = {}
+        self.rooms: dict[str, set[int]] = {}
+        self.servers: list[asyncio.Server] = []
+        self._next_conn = 0
+        self._bound_users: set[str] = set()
+        self._bound_rooms: set[str] = set()
+        self._binding_lock = asyncio.Lock()
+        self._tasks: set[asyncio.Task[Any]] = set()
+        self._loops: list[asyncio.Task[None]] = []
+        self._draining = False
+        self._drained = asyncio.Event()
+        self._changed = asyncio.Event()  # a call, publish or connection ended
+
+    # -- lifecycle ----------------------------------------------------------------
+
+    async def start(self) -> None:
+        """Connect to the broker, open the inbox, start listening."""
+        await self.broker.connect()
+        if self._own_state:
+            await self.state.connect()
+        await self.broker.open_inbox(self.id)
+        await self._heartbeat_once()
+        self._loops = [
+            asyncio.create_task(self._inbox_loop(), name="gateway-inbox"),
+            asyncio.create_task(self._heartbeat_loop(), name="gateway-heartbeat"),
+            asyncio.create_task(self._deadline_loop(), name="gateway-deadlines"),
+        ]
+        for spec in self.specs:
+            server = await open_server(
+                spec, self._protocol_factory(spec), reuse_port=self.reuse_port
+            )
+            self.servers.append(server)
+            log.info("listening on %s", spec.url, extra={"gateway": self.id})
+
+    def _protocol_factory(self, spec: ListenSpec) -> Callable[[], ClientConnection]:
+        codec_factory = spec.codec_factory()
+        return lambda: ClientConnection(self, codec_factory)
+
+    @property
+    def addresses(self) -> list[tuple[str, int]]:
+        """The bound (host, port) of every listener, in `--listen` order."""
+        out = []
+        for server in self.servers:
+            host, port = server.sockets[0].getsockname()[:2]
+            out.append((host, port))
+        return out
+
+    def is_ready(self) -> bool:
+        return not self._draining and self.broker.is_ready()
+
+    async def drain(self) -> None:
+        """Graceful shutdown; returns when every connection is closed."""
+        if self._draining:
+            await self._drained.wait()
+            return
+        self._draining = True
+        for server in self.servers:
+            server.close()
+        retry_after_ms = int(1000 + random.random() * 2000)
+        for conn in list(self.conns.values()):
+            conn.start_draining(retry_after_ms)
+            self._close_if_drained(conn)
+        await self._wait_until(
+            lambda: not self.pending and not self._publishing(), self.settings.drain_timeout_s
+        )
+        for call in self.pending.drain():
+            left = self.conns.get(call.conn)
+            if left is not None:
+                left.send_payload(
+                    wire.encode_error(ErrorCode.SHUTDOWN, "drain deadline reached", call.client_id)
+                )
+        for conn in list(self.conns.values()):
+            conn.close()
+        await self._wait_until(lambda: not self.conns, CLOSE_GRACE_S + 0.5)
+        self._drained.set()
+
+    async def _wait_until(self, predicate: Callable[[], bool], timeout_s: float) -> None:
+        """Wait for `predicate` to hold, re-checked whenever calls or connections end."""
+        deadline = time.monotonic() + timeout_s
+        while not predicate():
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                return
+            self._changed.clear()
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._changed.wait(), remaining)
+
+    async def aclose(self) -> None:
+        """Stop every task and release the broker side (after `drain`)."""
+        for server in self.servers:
+            server.close()
+        for task in [*self._loops, *self._tasks]:
+            task.cancel()
+        await asyncio.gather(*self._loops, *self._tasks, return_exceptions=True)
+        for server in self.servers:
+            await server.wait_closed()
+        try:
+            await self.broker.close_inbox(self.id)
+            await self.state.forget_gateway(self.id)
+        except BrokerError as exc:
+            log.warning("could not remove the inbox cleanly: %s", exc)
+        if self._own_state:
+            await self.state.aclose()
+        await self.broker.aclose()
+
+    def _publishing(self) -> bool:
+        return any(c.in_flight for c in self.conns.values())
+
+    def _close_if_drained(self, conn: ClientConnection) -> None:
+        if (
+            self._draining
+            and conn.in_flight == 0
+            and self.pending.count(conn.conn_id) == 0
+        ):
+            conn.close()
+
+    # -- connections --------------------------------------------------------------
+
+    def admit(self, conn: ClientConnection) -> bool:
+        """Register a new connection, or refuse it past the cap or while draining."""
+        if self._draining or len(self.conns) >= self.max_connections:
+            self.stats.rejected_overloaded += 1
+            return False
+        self._next_conn += 1
+        conn.conn_id = self._next_conn
+        self.conns[conn.conn_id] = conn
+        self.stats.opened += 1
+        return True
+
+    def new_session(self, conn_id: int) -> Session:
+        return Session(conn_id, self.id, self.limits, self.verifier, self.pending, time.time())
+
+    def forget(self, conn: ClientConnection) -> None:
+        """The socket is gone: drop its calls, memberships and user binding."""
+        if self.conns.pop(conn.conn_id, None) is None:
+            return
+        self._changed.set()
+        self.stats.closed += 1
+        self.pending.drop_connection(conn.conn_id)
+        session = conn.session
+        if session is None or session.user is None:
+            return
+        user = session.user
+        rooms = list(session.rooms)
+        session.rooms.clear()
+        for room in rooms:
+            self._local_leave(room, conn.conn_id)
+        conns = self.users.get(user)
+        if conns is not None:
+            conns.discard(conn.conn_id)
+            if not conns:
+                del self.users[user]
+        self._spawn(self._cleanup(user, conn.conn_id, rooms))
+
+    async def _cleanup(self, user: str, conn_id: int, rooms: list[str]) -> None:
+        try:
+            for room in rooms:
+                await self.state.room_leave(room, Member(self.id, conn_id, user))
+            await self._sync_bindings(user=user, rooms=rooms)
+        except BrokerError as exc:
+            log.info("cleanup of conn %d deferred to expiry: %s", conn_id, exc)
+
+    # -- requests (called by connections) -----------------------------------------
+
+    def publish(self, conn: ClientConnection, action: Publish) -> None:
+        conn.in_flight += 1
+        self._spawn(self._publish(conn, action))
+
+    async def _publish(self, conn: ClientConnection, action: Publish) -> None:
+        envelope = action.envelope
+        try:
+            await self.broker.publish(envelope)
+        except BrokerError as exc:
+            self.stats.publish_failures += 1
+            # A call already answered `timeout` gets nothing more; anything else is
+            # told the broker did not take it (never dropped silently).
+            if envelope.kind == "call" and self.pending.pop(envelope.id, conn.conn_id) is None:
+                return
+            conn.send_payload(wire.encode_error(exc.code, _broker_message(exc), action.client_id))
+        else:
+            if envelope.kind == "send" and action.client_id is not None:
+                conn.send_payload(wire.encode_ack(action.client_id))
+        finally:
+            conn.in_flight -= 1
+            self._changed.set()
+            self._close_if_drained(conn)
+
+    def authenticated(self, conn: ClientConnection, action: Authenticated) -> None:
+        user = action.user
+        conns = self.users.setdefault(user, set())
+        conns.add(conn.conn_id)
+        if user in self._bound_users:
+            conn.send_payload(wire.encode_ok(user, action.client_id))
+            return
+        self._spawn(self._bind_user_then_ok(conn, user, action))
+
+    async def _bind_user_then_ok(
+        self, conn: ClientConnection, user: str, action: Authenticated
+    ) -> None:
+        try:
+            await self._sync_bindings(user=user)
+        except BrokerError as exc:
+            # The user is authenticated; pushes to it may miss until the next auth.
+            log.warning("bind_user failed: %s", exc, extra={"conn": conn.conn_id})
+        conn.send_payload(wire.encode_ok(user, action.client_id))
+
+    def join_room(self, conn: ClientConnection, action: JoinRoom) -> None:
+        self._spawn(self._join_room(conn, action))
+
+    async def _join_room(self, conn: ClientConnection, action: JoinRoom) -> None:
+        session = conn.session
+        assert session is not None
+        assert session.user is not None
+        member = Member(self.id, conn.conn_id, session.user)
+        try:
+            await self.state.room_join(action.room, member)
+            if session.state is not State.OPEN and session.state is not State.DRAINING:
+                await self.state.room_leave(action.room, member)
+                return
+            self._local_join(action.room, conn)
+            await self._sync_bindings(rooms=[action.room])
+        except BrokerError as exc:
+            conn.send_payload(wire.encode_error(exc.code, _broker_message(exc), action.client_id))
+            return
+        conn.send_payload(wire.encode_ok(session.user, action.client_id))
+
+    def leave_room(self, conn: ClientConnection, action: LeaveRoom) -> None:
+        self._spawn(self._leave_room(conn, action))
+
+    async def _leave_room(self, conn: ClientConnection, action: LeaveRoom) -> None:
+        session = conn.session
+        assert session is not None
+        assert session.user is not None
+        self._local_leave(action.room, conn.conn_id)
+        session.rooms.discard(action.room)
+        try:
+            await self.state.room_leave(action.room, Member(self.id, conn.conn_id, session.user))
+            await self._sync_bindings(rooms=[action.room])
+        except BrokerError as exc:
+            conn.send_payload(wire.encode_error(exc.code, _broker_message(exc), action.client_id))
+            return
+        conn.send_payload(wire.encode_ok(session.user, action.client_id))
+
+    def _local_join(self, room: str, conn: ClientConnection) -> None:
+        assert conn.session is not None
+        conn.session.rooms.add(room)
+        self.rooms.setdefault(room, set()).add(conn.conn_id)
+
+    def _local_leave(self, room: str, conn_id: int) -> None:
+        members = self.rooms.get(room)
+        if members is not None:
+            members.discard(conn_id)
+            if not members:
+                del self.rooms[room]
+
+    async def _sync_bindings(
+        self, *, user: str | None = None, rooms: list[str] | tuple[str, ...] = ()
+    ) -> None:
+        """Make the broker's bindings match the local tables.
+
+        One lock serializes bind/unbind, and each decision is taken after the lock
+        is held, so a join racing a leave always ends in the state the tables hold.
+        """
+        async with self._binding_lock:
+            if user is not None:
+                wanted = user in self.users
+                if wanted and user not in self._bound_users:
+                    await self.broker.bind_user(self.id, user)
+                    self._bound_users.add(user)
+                elif not wanted and user in self._bound_users:
+                    self._bound_users.discard(user)
+                    await self.broker.unbind_user(self.id, user)
+            for room in rooms:
+                wanted = room in self.rooms
+                if wanted and room not in self._bound_rooms:
+                    await self.broker.bind_room(self.id, room)
+                    self._bound_rooms.add(room)
+                elif not wanted and room in self._bound_rooms:
+                    self._bound_rooms.discard(room)
+                    await self.broker.unbind_room(self.id, room)
+
+    # -- replies and pushes ---------------------------------------------------------
+
+    async def _inbox_loop(self) -> None:
+        backoff = 0.1
+        while True:
+            try:
+                messages = await self.broker.read_inbox(self.id, INBOX_BATCH, INBOX_WAIT_S)
+            except BrokerError as exc:
+                log.warning("inbox read failed, retrying in %.1fs: %s", backoff, exc)
+                await asyncio.sleep(backoff * (0.5 + random.random()))
+                backoff = min(backoff * 2, 5.0)
+                continue
+            backoff = 0.1
+            for message in messages:
+                await self._dispatch(message)
+
+    async def _dispatch(self, message: InboxMessage) -> None:
+        match message:
+            case Reply(ref=ref, conn=conn_id, data=data):
+                call = self._take_pending(ref, conn_id)
+                if call is not None:
+                    self._deliver(conn_id, wire.encode_reply(call.client_id, data))
+            case ErrorReply(ref=ref, conn=conn_id, code=code, message=text):
+                call = self._take_pending(ref, conn_id)
+                if call is not None:
+                    self._deliver(conn_id, wire.encode_error(code, text, call.client_id))
+            case Push(route=route, data=data, conn=conn_id, user=user, room=room):
+                payload = wire.encode_push(route, data, room)
+                if conn_id is not None:
+                    self._deliver(conn_id, payload)
+                elif user is not None:
+                    for target in list(self.users.get(user, ())):
+                        self._deliver(target, payload)
+                elif room is not None:
+                    for target in list(self.rooms.get(room, ())):
+                        self._deliver(target, payload)
+            case Join(conn=conn_id, room=room, user=user):
+                await self._apply_join(conn_id, room, user)
+            case Leave(conn=conn_id, room=room):
+                conn = self.conns.get(conn_id)
+                if conn is not None and conn.session is not None:
+                    conn.session.rooms.discard(room)
+                self._local_leave(room, conn_id)
+                await self._guarded(self._sync_bindings(rooms=[room]))
+
+    async def _apply_join(self, conn_id: int, room: str, user: str) -> None:
+        conn = self.conns.get(conn_id)
+        if conn is None or conn.session is None or conn.session.state is State.CLOSED:
+            await self._guarded(self.state.room_leave(room, Member(self.id, conn_id, user)))
+            return
+        self._local_join(room, conn)
+        await self._guarded(self._sync_bindings(rooms=[room]))
+
+    async def _guarded(self, work: Coroutine[Any, Any, None]) -> None:
+        try:
+            await work
+        except BrokerError as exc:
+            log.warning("broker bookkeeping failed: %s", exc)
+
+    def _take_pending(self, ref: str, conn_id: int) -> PendingCall | None:
+        call = self.pending.pop(ref, conn_id)
+        if call is None:
+            self.stats.late_replies += 1
+        return call
+
+    def _deliver(self, conn_id: int, payload: bytes) -> None:
+        self._changed.set()
+        conn = self.conns.get(conn_id)
+        if conn is None:
+            self.stats.dropped_pushes += 1
+            return
+        conn.send_payload(payload)
+        self._close_if_drained(conn)
+
+    # -- timers ---------------------------------------------------------------------
+
+    async def _deadline_loop(self) -> None:
+        while True:
+            await asyncio.sleep(DEADLINE_TICK_S)
+            for call in self.pending.expire(time.time()):
+                self.stats.timeouts += 1
+                self._deliver(
+                    call.conn,
+                    wire.encode_error(
+                        ErrorCode.TIMEOUT, "no answer before the call's deadline", call.client_id
+                    ),
+                )
+
+    async def _heartbeat_loop(self) -> None:
+        while True:
+            await asyncio.sleep(self.settings.heartbeat_s)
+            await self._heartbeat_once()
+
+    async def _heartbeat_once(self) -> None:
+        try:
+            await self.broker.heartbeat(self.id)
+            if self._own_state:
+                await self.state.heartbeat(self.id)
+        except BrokerError as exc:
+            log.warning("heartbeat failed: %s", exc)
+
+    def _spawn(self, work: Coroutine[Any, Any, None]) -> None:
+        task = asyncio.create_task(work)
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+
+def _same(a: object, b: object) -> bool:
+    return a is b
+
+
+def _broker_message(exc: BrokerError) -> str:
+    match exc.code:
+        case ErrorCode.UNKNOWN_ROUTE:
+            return str(exc) or "no worker serves this route"
+        case ErrorCode.OVERLOADED:
+            return "the route's queue is full"
+        case _:
+            return "the broker did not confirm the message; retry what is safe to repeat"

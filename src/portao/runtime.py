@@ -1,0 +1,136 @@
+"""Process wiring for the commands: build brokers, gateway and workers, run, stop.
+
+Each `serve_*` coroutine runs until SIGTERM/SIGINT, then shuts down in the
+brief's order and returns normally (exit status 0).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import resource
+import signal
+from collections.abc import Awaitable, Callable
+
+from portao.broker.base import Broker, StateStore
+from portao.broker.factory import create_broker, create_state
+from portao.broker.memory import MemoryBroker
+from portao.config import Settings
+from portao.errors import ConfigError
+from portao.gateway.server import Gateway
+from portao.session.auth import TokenVerifier
+from portao.worker.app import App
+from portao.worker.runner import Worker
+
+log = logging.getLogger("portao")
+
+RUN_LISTEN = ["tcp://127.0.0.1:7878"]
+GATEWAY_LISTEN = ["tcp://0.0.0.0:7878"]
+
+
+def raise_open_file_limit() -> None:
+    """Raise the soft open-file limit to the hard one (connections are files)."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft < hard:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+
+
+def stop_event() -> asyncio.Event:
+    """An event set by SIGTERM or SIGINT."""
+    event = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, event.set)
+    return event
+
+
+def make_broker(settings: Settings) -> tuple[Broker, StateStore]:
+    """The broker from `--broker` and the state store (the broker or `--state`)."""
+    if not settings.broker:
+        raise ConfigError("broker: --broker URL is required")
+    if settings.broker.startswith("memory:"):
+        raise ConfigError("broker: memory:// works only inside `portao run`")
+    broker = create_broker(settings.broker, settings)
+    if isinstance(broker, StateStore):
+        return broker, broker
+    if not settings.state:
+        raise ConfigError(f"state: --state redis://… is required with {settings.broker!r}")
+    return broker, create_state(settings.state, settings)
+
+
+async def serve_embedded(
+    settings: Settings,
+    app: App,
+    *,
+    on_ready: Callable[[Gateway], Awaitable[None] | None] | None = None,
+) -> None:
+    """`portao run`: gateway and workers in one process on the memory broker."""
+    broker = MemoryBroker(settings)
+    verifier = TokenVerifier.from_settings(settings)
+    gateway = Gateway(settings, broker, broker, verifier, listen=settings.listen or RUN_LISTEN)
+    worker = Worker(app, broker, broker, settings)
+    stop = stop_event()
+    await broker.connect()
+    await broker.register_routes(app.routes)
+    worker_task = asyncio.create_task(worker.run(), name="embedded-worker")
+    try:
+        await gateway.start()
+        if on_ready is not None:
+            result = on_ready(gateway)
+            if result is not None:
+                await result
+        await stop.wait()
+        log.info("shutting down: draining connections")
+        await gateway.drain()  # workers keep answering until the drain ends
+    finally:
+        await worker.stop()
+        await worker_task
+        await gateway.aclose()
+
+
+async def serve_gateway(
+    settings: Settings,
+    *,
+    reuse_port: bool = False,
+    on_ready: Callable[[Gateway], Awaitable[None] | None] | None = None,
+) -> None:
+    """`portao gateway`: only connections, forwarding to a real broker."""
+    broker, state = make_broker(settings)
+    verifier = TokenVerifier.from_settings(settings)
+    gateway = Gateway(
+        settings, broker, state, verifier, listen=settings.listen or GATEWAY_LISTEN,
+        reuse_port=reuse_port,
+    )
+    stop = stop_event()
+    try:
+        await gateway.start()
+        if on_ready is not None:
+            result = on_ready(gateway)
+            if result is not None:
+                await result
+        await stop.wait()
+        log.info("shutting down: draining connections")
+        await gateway.drain()
+    finally:
+        await gateway.aclose()
+
+
+async def serve_worker(settings: Settings, app: App) -> None:
+    """`portao worker`: run the app's handlers against a real broker."""
+    broker, state = make_broker(settings)
+    worker = Worker(app, broker, state, settings)
+    stop = stop_event()
+    await broker.connect()
+    if state is not broker:  # type: ignore[comparison-overlap]
+        await state.connect()
+    task = asyncio.create_task(worker.run(), name="worker")
+    try:
+        stopped = asyncio.create_task(stop.wait())
+        await asyncio.wait({task, stopped}, return_when=asyncio.FIRST_COMPLETED)
+        stopped.cancel()
+        await worker.stop()
+        await task
+    finally:
+        if state is not broker:  # type: ignore[comparison-overlap]
+            await state.aclose()
+        await broker.aclose()
