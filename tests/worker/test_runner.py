@@ -1,0 +1,397 @@
+"""The runner against the real MemoryBroker, with the test acting as the gateway."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections.abc import Callable
+from typing import Any
+
+import msgspec
+import pytest
+
+from portao.broker.base import Delivery
+from portao.config import Settings
+from portao.envelope import ErrorReply, Join, Reply
+from portao.errors import ConfigError
+from portao.worker import App, Context, Worker
+from tests.worker.harness import (
+    FakeClock,
+    HandGateway,
+    assert_settled,
+    memory_broker,
+    running,
+    setup,
+)
+
+MakeSettings = Callable[..., Settings]
+
+
+def echo_app() -> App:
+    app = App("t")
+
+    @app.route("echo")
+    async def echo(ctx: Context, data: Any) -> Any:
+        return data
+
+    return app
+
+
+async def test_call_gets_its_reply_then_is_acked(make_settings: MakeSettings) -> None:
+    clock = FakeClock()
+    async with setup(make_settings, echo_app(), clock) as (broker, gw, worker):
+        env = await gw.publish("echo", {"x": [1, "two", None]}, conn=7)
+        await worker.run(burst=True)
+        [reply] = await gw.read(1)
+        assert reply == Reply(ref=env.id, conn=7, data=b'{"x":[1,"two",null]}')
+        assert worker.stats.handled == 1
+        # Acked: nothing comes back even after the visibility timeout.
+        await assert_settled(broker, clock, "echo")
+
+
+async def test_send_is_acked_without_reply(make_settings: MakeSettings) -> None:
+    seen: list[Any] = []
+    app = App()
+
+    @app.route("note")
+    async def note(ctx: Context, data: Any) -> Any:
+        seen.append(data)
+        return {"ignored": True}
+
+    clock = FakeClock()
+    async with setup(make_settings, app, clock) as (broker, gw, worker):
+        await gw.publish("note", "hello", kind="send")
+        await worker.run(burst=True)
+        await gw.nothing()
+        assert seen == ["hello"]
+        assert worker.stats.handled == 1
+        await assert_settled(broker, clock, "note")
+
+
+async def test_retries_with_attempt_and_doubling_delay(make_settings: MakeSettings) -> None:
+    attempts: list[tuple[int, float]] = []
+    app = App()
+
+    @app.route("flaky")
+    async def flaky(ctx: Context, data: Any) -> Any:
+        attempts.append((ctx.attempt, time.monotonic()))
+        if ctx.attempt < 3:
+            raise RuntimeError("not yet")
+        return "ok"
+
+    async with setup(make_settings, app, retry_delay_s=0.1) as (_, gw, worker):
+        env = await gw.publish("flaky")
+        await worker.run(burst=True)
+        assert await gw.read(1) == [Reply(ref=env.id, conn=1, data=b'"ok"')]
+    assert [n for n, _ in attempts] == [1, 2, 3]
+    first_gap = attempts[1][1] - attempts[0][1]
+    second_gap = attempts[2][1] - attempts[1][1]
+    assert 0.1 <= first_gap < 0.18
+    assert 0.2 <= second_gap < 0.28
+    assert (worker.stats.failed_attempts, worker.stats.retries, worker.stats.handled) == (2, 2, 1)
+
+
+async def test_dead_letter_and_handler_error_after_max_attempts(
+    make_settings: MakeSettings, caplog: pytest.LogCaptureFixture
+) -> None:
+    calls: list[int] = []
+    app = App()
+
+    @app.route("boom")
+    async def boom(ctx: Context, data: Any) -> Any:
+        calls.append(ctx.attempt)
+        raise RuntimeError("secret detail")
+
+    clock = FakeClock()
+    async with setup(make_settings, app, clock, max_attempts=3) as (broker, gw, worker):
+        env = await gw.publish("boom", {"card": "4111"})
+        with caplog.at_level(logging.WARNING, logger="portao.worker"):
+            await worker.run(burst=True)
+        [error] = await gw.read(1)
+        assert error == ErrorReply(
+            ref=env.id,
+            conn=1,
+            code="handler_error",
+            message="handler for route boom failed after 3 attempts",
+        )
+        [dead] = await broker.dead_letters("boom")
+        assert dead.envelope.id == env.id
+        assert dead.error == "RuntimeError: secret detail"
+        await assert_settled(broker, clock, "boom")
+    assert calls == [1, 2, 3]
+    assert worker.stats.dead_lettered == 1
+    assert worker.stats.failed_attempts == 3
+    assert env.id in caplog.text
+    assert "4111" not in caplog.text
+
+
+async def test_handler_timeout_is_a_failure(make_settings: MakeSettings) -> None:
+    app = App()
+
+    @app.route("stuck")
+    async def stuck(ctx: Context, data: Any) -> Any:
+        await asyncio.Event().wait()
+
+    settings = {"max_attempts": 1, "handler_timeout_s": 0.05}
+    async with setup(make_settings, app, **settings) as (broker, gw, worker):
+        env = await gw.publish("stuck")
+        await worker.run(burst=True)
+        [error] = await gw.read(1)
+        assert isinstance(error, ErrorReply)
+        assert (error.ref, error.code) == (env.id, "handler_error")
+        [dead] = await broker.dead_letters("stuck")
+        assert dead.error == "TimeoutError: handler timed out after 0.05 s"
+
+
+async def test_unencodable_return_is_a_failure(make_settings: MakeSettings) -> None:
+    app = App()
+
+    @app.route("odd")
+    async def odd(ctx: Context, data: Any) -> Any:
+        return object()
+
+    async with setup(make_settings, app, max_attempts=1) as (broker, gw, worker):
+        await gw.publish("odd")
+        await worker.run(burst=True)
+        [error] = await gw.read(1)
+        assert isinstance(error, ErrorReply)
+        [dead] = await broker.dead_letters("odd")
+        assert dead.error.startswith("TypeError: value is not JSON-encodable")
+
+
+async def test_expired_call_is_skipped_and_acked(make_settings: MakeSettings) -> None:
+    ran: list[str] = []
+    app = App()
+
+    @app.route("late")
+    async def late(ctx: Context, data: Any) -> Any:
+        ran.append(ctx.id)
+
+    clock = FakeClock()
+    async with setup(make_settings, app, clock) as (broker, gw, worker):
+        await gw.publish("late", deadline=time.time() - 1)
+        await gw.publish("late", kind="send")  # sends have no deadline
+        await worker.run(burst=True)
+        await gw.nothing()
+        await assert_settled(broker, clock, "late")
+    assert len(ran) == 1
+    assert worker.stats.expired_skipped == 1
+
+
+async def test_too_many_deliveries_go_straight_to_dead_letters(
+    make_settings: MakeSettings,
+) -> None:
+    ran: list[str] = []
+    app = App()
+
+    @app.route("poison")
+    async def poison(ctx: Context, data: Any) -> Any:
+        ran.append(ctx.id)
+
+    clock = FakeClock()
+    async with setup(make_settings, app, clock, max_attempts=1) as (broker, gw, worker):
+        env = await gw.publish("poison")
+        # A worker that died holding it: delivered once, never acked, claim lapsed.
+        [first] = await broker.fetch("dead-worker", ["poison"], 1, 0)
+        assert first.deliveries == 1
+        clock.advance(10)
+        await worker.run(burst=True)
+        [error] = await gw.read(1)
+        assert error == ErrorReply(
+            ref=env.id,
+            conn=1,
+            code="handler_error",
+            message="handler for route poison failed after 1 attempts",
+        )
+        [dead] = await broker.dead_letters("poison")
+        assert dead.error.startswith("handler_error: delivered 2 times")
+    assert ran == []
+
+
+async def test_concurrency_limit(make_settings: MakeSettings) -> None:
+    running_now = peak = 0
+    full = asyncio.Event()
+    release = asyncio.Event()
+    app = App()
+
+    @app.route("work")
+    async def work(ctx: Context, data: Any) -> Any:
+        nonlocal running_now, peak
+        running_now += 1
+        peak = max(peak, running_now)
+        if running_now == 3:
+            full.set()
+        await release.wait()
+        running_now -= 1
+
+    async with setup(make_settings, app, worker_concurrency=3) as (_broker, gw, worker):
+        for _ in range(7):
+            await gw.publish("work", kind="send")
+        run = asyncio.create_task(worker.run(burst=True))
+        await asyncio.wait_for(full.wait(), 3)
+        assert worker.in_flight == 3
+        release.set()
+        await asyncio.wait_for(run, 3)
+    assert peak == 3
+    assert worker.stats.handled == 7
+
+
+async def test_join_reaches_the_inbox_before_the_reply(make_settings: MakeSettings) -> None:
+    app = App()
+
+    @app.route("enter")
+    async def enter(ctx: Context, data: Any) -> Any:
+        await ctx.join("lobby")
+        return "in"
+
+    async with setup(make_settings, app) as (broker, gw, worker):
+        env = await gw.publish("enter", user="bob", conn=4)
+        await worker.run(burst=True)
+        assert await gw.read(2) == [
+            Join(conn=4, room="lobby", user="bob"),
+            Reply(ref=env.id, conn=4, data=b'"in"'),
+        ]
+        [member] = await broker.room_members("lobby")
+        assert (member.gateway, member.conn, member.user) == (gw.id, 4, "bob")
+
+
+class FrozenExtend:
+    """The real broker, except that `extend` hangs until `thaw`: a frozen worker."""
+
+    def __init__(self, broker: Any) -> None:
+        self._broker = broker
+        self._thawed = asyncio.Event()
+        self.lost: list[Delivery] = []
+        self.reported = asyncio.Event()
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._broker, name)
+
+    def thaw(self) -> None:
+        self._thawed.set()
+
+    async def extend(self, consumer: str, deliveries: list[Delivery]) -> list[Delivery]:
+        await self._thawed.wait()
+        lost = await self._broker.extend(consumer, deliveries)
+        if lost:
+            self.lost += lost
+            self.reported.set()
+        return list(lost)
+
+
+async def test_lost_claim_drops_the_result(make_settings: MakeSettings) -> None:
+    started = asyncio.Event()
+    release = asyncio.Event()
+    app = App()
+
+    @app.route("slow")
+    async def slow(ctx: Context, data: Any) -> Any:
+        started.set()
+        await release.wait()
+        return "too late"
+
+    clock = FakeClock()
+    settings = make_settings(visibility_timeout_s=0.3)
+    async with memory_broker(settings, clock) as broker:
+        await broker.register_routes(["slow"])
+        frozen = FrozenExtend(broker)
+        worker = Worker(app, frozen, broker, settings, consumer_id="a", fetch_timeout_s=0.05)
+        gw = HandGateway(broker)
+        await gw.open()
+        env = await gw.publish("slow")
+        async with running(worker):
+            await asyncio.wait_for(started.wait(), 3)
+            clock.advance(1)  # frozen past the visibility timeout
+            [taken] = await broker.fetch("b", ["slow"], 1, 0)
+            assert (taken.envelope.id, taken.deliveries) == (env.id, 2)
+            frozen.thaw()
+            await asyncio.wait_for(frozen.reported.wait(), 3)
+            release.set()
+            await worker.stop()  # drains: the handler finishes, its result is dropped
+            await gw.nothing()
+            assert worker.stats.lost_claims == 1
+            assert worker.stats.handled == 0
+            await broker.ack("b", [taken])
+
+
+async def test_stop_waits_for_the_handler_in_flight(make_settings: MakeSettings) -> None:
+    started = asyncio.Event()
+    release = asyncio.Event()
+    app = App()
+
+    @app.route("slow")
+    async def slow(ctx: Context, data: Any) -> Any:
+        started.set()
+        await release.wait()
+        return "done"
+
+    # One slot: while the handler runs, the worker waits for a free slot, not in a
+    # fetch, so a stop request is seen before anything else is taken.
+    async with setup(make_settings, app, worker_concurrency=1) as (broker, gw, worker):
+        env = await gw.publish("slow")
+        run = asyncio.create_task(worker.run())
+        await asyncio.wait_for(started.wait(), 3)
+        stop = asyncio.create_task(worker.stop())
+        await asyncio.sleep(0)  # let stop() run up to its wait
+        assert worker.stopping
+        await gw.publish("slow")  # not taken any more
+        release.set()
+        await asyncio.wait_for(stop, 3)
+        assert run.done()
+        await run
+        assert await gw.read(1) == [Reply(ref=env.id, conn=1, data=b'"done"')]
+        assert worker.stats.handled == 1
+        [left] = await broker.fetch("other", ["slow"], 10, 0)
+        assert left.deliveries == 1
+
+
+async def test_stop_abandons_what_outlives_the_drain(make_settings: MakeSettings) -> None:
+    started = asyncio.Event()
+    app = App()
+
+    @app.route("stuck")
+    async def stuck(ctx: Context, data: Any) -> Any:
+        started.set()
+        await asyncio.Event().wait()
+
+    clock = FakeClock()
+    async with setup(make_settings, app, clock, drain_timeout_s=0.05) as (broker, gw, worker):
+        env = await gw.publish("stuck")
+        run = asyncio.create_task(worker.run())
+        await asyncio.wait_for(started.wait(), 3)
+        await asyncio.wait_for(worker.stop(), 3)
+        await run
+        await gw.nothing()
+        # Not acked: another worker gets it once the claim lapses.
+        clock.advance(10)
+        [again] = await broker.fetch("other", ["stuck"], 1, 0)
+        assert (again.envelope.id, again.deliveries) == (env.id, 2)
+
+
+async def test_burst_returns_when_idle(make_settings: MakeSettings) -> None:
+    async with setup(make_settings, echo_app()) as (_, _gw, worker):
+        await asyncio.wait_for(worker.run(burst=True), 1)
+        assert worker.stats == type(worker.stats)()
+
+
+async def test_messages_decode_from_json(make_settings: MakeSettings) -> None:
+    got: list[Any] = []
+    app = App()
+
+    @app.route("types")
+    async def types(ctx: Context, data: Any) -> Any:
+        got.append(data)
+
+    async with setup(make_settings, app) as (_, gw, worker):
+        env = gw.envelope("types", kind="send")
+        await gw.broker.publish(msgspec.structs.replace(env, data=b'{"a": 1.5, "b": [true]}'))
+        await worker.run(burst=True)
+    assert got == [{"a": 1.5, "b": [True]}]
+
+
+async def test_app_without_routes_is_refused(make_settings: MakeSettings) -> None:
+    settings = make_settings()
+    async with memory_broker(settings) as broker:
+        with pytest.raises(ConfigError, match="has no routes"):
+            await Worker(App("empty"), broker, broker, settings).run(burst=True)
