@@ -118,9 +118,10 @@ class ClientConnection(asyncio.Protocol):
         now = time.time()
         index = 0
         while index < len(backlog) and not self._closing and not self._paused:
-            event = backlog[index]
-            index += 1
-            self._execute(session.receive_event(event, now))
+            actions = session.receive_event(backlog[index], now)
+            if not (actions and isinstance(actions[0], PauseReading) and actions[0].hold):
+                index += 1  # consumed; a held event is fed again after the pause
+            self._execute(actions)
         del backlog[:index]
         if not self._closing:
             self._arm_timer()

@@ -66,9 +66,13 @@ class LeaveRoom:
 
 @dataclass(frozen=True, slots=True)
 class PauseReading:
-    """Rate limit hit: stop reading the socket until `until` (epoch seconds)."""
+    """Rate limit hit: stop reading the socket until `until` (epoch seconds).
+
+    With `hold`, the event was not consumed: feed it again after the pause.
+    """
 
     until: float
+    hold: bool = False
 
 
 Action = SendPayload | CloseWith | Publish | Authenticated | JoinRoom | LeaveRoom | PauseReading

@@ -89,6 +89,7 @@ class Session:
         "_last_frame_at",
         "_limits",
         "_pending",
+        "_rate_limited",
         "_verifier",
         "conn",
         "gateway_id",
@@ -117,6 +118,7 @@ class Session:
         self._auth_deadline = now + limits.auth_timeout_s
         self._last_frame_at = now
         self._bucket = TokenBucket(limits.rate_limit_per_s, limits.rate_burst, now)
+        self._rate_limited = False
 
     @property
     def user(self) -> str | None:
@@ -137,15 +139,24 @@ class Session:
             if event.fatal:
                 return self._close(event.code, event.message)
             return [SendPayload(wire.encode_error(event.code, event.message))]
-        message = wire.decode_message(event.payload)
-        if not self._bucket.try_take(now):
+        bucket = self._bucket
+        if not bucket.try_take(now):
+            # Only the first message over the limit is answered; after that the
+            # client just waits (backpressure, not an error storm) until it has
+            # stayed under the rate long enough for the bucket to fill again.
+            if self._rate_limited:
+                return [PauseReading(bucket.next_token_at(now), hold=True)]
+            self._rate_limited = True
+            request_id = wire.decode_message(event.payload).id
             return [
                 SendPayload(
-                    wire.encode_error(ErrorCode.RATE_LIMITED, "rate limit exceeded", message.id)
+                    wire.encode_error(ErrorCode.RATE_LIMITED, "rate limit exceeded", request_id)
                 ),
-                PauseReading(self._bucket.next_token_at(now)),
+                PauseReading(bucket.next_token_at(now)),
             ]
-        return self.receive_message(message, now)
+        if self._rate_limited and bucket.is_full(now):
+            self._rate_limited = False
+        return self.receive_message(wire.decode_message(event.payload), now)
 
     def receive_message(self, message: ClientMessage | BadMessage, now: float) -> list[Action]:
         """Handle one decoded client message."""

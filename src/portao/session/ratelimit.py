@@ -34,6 +34,10 @@ class TokenBucket:
         self._full_at = max(self._full_at, now) + self._interval_s
         return True
 
+    def is_full(self, now: float) -> bool:
+        """True when the bucket holds `burst` tokens: the client stayed under the rate."""
+        return now >= self._full_at
+
     def next_token_at(self, now: float) -> float:
         """When a token will be there: `now` itself if one is there already."""
         self._settle(now)
