@@ -468,7 +468,7 @@ async def test_graceful_shutdown_with_calls_in_flight(stack_factory: StackFactor
     assert await busy.closed()
     await drain
     # new connections are refused once draining
-    with pytest.raises(OSError):
+    with pytest.raises(ConnectionRefusedError):
         await asyncio.open_connection(*address)
 
 
