@@ -1,0 +1,161 @@
+"""A channel consuming queues into a local buffer, and its batched acks.
+
+Workers and gateway inboxes both read this way: `basic.consume` with manual acks and
+a prefetch bound, the broker pushes deliveries, the consumer callback only appends
+them to an `asyncio.Queue`, and `take` hands out what arrived (waiting up to a
+timeout). A delivery tag is valid only on the channel it came on: after the channel
+closed (link lost, consumer bounced) its deliveries are back in their queue, so a
+stale handle is never acked, and `is_live` reports the claim lost.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass
+
+import aiormq.abc
+
+from portao.broker.amqp_link import open_channel, translate
+
+log = logging.getLogger("portao.broker")
+
+
+@dataclass(frozen=True, slots=True, eq=False)
+class Handle:
+    """Where a delivery is acked: the channel it arrived on, and its tag there."""
+
+    channel: aiormq.abc.AbstractChannel
+    tag: int
+
+
+@dataclass(frozen=True, slots=True, eq=False)
+class Received:
+    """One delivery as the callback buffered it."""
+
+    queue: str
+    message: aiormq.abc.DeliveredMessage
+    handle: Handle
+
+
+def plan_acks(outstanding: set[int], done: Iterable[int]) -> tuple[int | None, list[int]]:
+    """Split acks into one `multiple` ack and single ones: (multiple up to, singles).
+
+    An ack with `multiple` covers every outstanding tag up to it, so it may only end
+    a gapless run of finished tags starting at the lowest outstanding one; the rest
+    are acked one by one (all written in one turn).
+    """
+    finished = sorted(outstanding.intersection(done))
+    pending = sorted(outstanding)
+    run = 0
+    while run < len(finished) and finished[run] == pending[run]:
+        run += 1
+    if run < 2:
+        return None, finished
+    return finished[run - 1], finished[run:]
+
+
+class Consumer:
+    """A channel consuming `queues` (with `prefetch` each) into one buffer."""
+
+    def __init__(self, name: str, prefetch: int, on_lost: Callable[[str], None]) -> None:
+        self.name = name
+        self.queues: list[str] = []
+        self._prefetch = prefetch
+        self._on_lost = on_lost
+        self._channel: aiormq.abc.AbstractChannel | None = None
+        self._consuming: set[str] = set()
+        self._unacked: set[int] = set()
+        self._buffer: asyncio.Queue[Received] = asyncio.Queue()
+        self._stopped = False
+
+    async def start(self, connection: aiormq.abc.AbstractConnection) -> None:
+        """Consume every queue on a fresh channel (first start, or after a reconnect)."""
+        with translate(f"starting consumer {self.name}"):
+            channel = await open_channel(connection, confirms=False)
+            self._channel = channel
+            self._consuming = set()
+            self._unacked = set()
+            channel.closing.add_done_callback(lambda _: self._closed(channel))
+            await channel.basic_qos(prefetch_count=self._prefetch)
+            for queue in list(self.queues):
+                await self._consume(channel, queue)
+
+    async def add(self, queues: Sequence[str]) -> None:
+        """Consume more queues; on the live channel now, else at the next `start`."""
+        for queue in queues:
+            if queue not in self.queues:
+                self.queues.append(queue)
+        channel = self._channel
+        if channel is None or channel.is_closed:
+            return
+        with translate(f"consuming for {self.name}"):
+            for queue in queues:
+                await self._consume(channel, queue)
+
+    async def _consume(self, channel: aiormq.abc.AbstractChannel, queue: str) -> None:
+        if queue in self._consuming:
+            return
+        self._consuming.add(queue)
+
+        async def on_message(message: aiormq.abc.DeliveredMessage) -> None:
+            tag = message.delivery_tag
+            if tag is None or channel is not self._channel:
+                return
+            self._unacked.add(tag)
+            self._buffer.put_nowait(Received(queue, message, Handle(channel, tag)))
+
+        await channel.basic_consume(queue, on_message, no_ack=False)
+
+    def _closed(self, channel: aiormq.abc.AbstractChannel) -> None:
+        if channel is self._channel and not self._stopped:
+            self._on_lost(f"the channel of consumer {self.name} closed")
+
+    def is_running(self) -> bool:
+        return self._channel is not None and not self._channel.is_closed
+
+    def is_live(self, handle: Handle) -> bool:
+        """True while the delivery's channel is this consumer's open channel."""
+        return handle.channel is self._channel and not handle.channel.is_closed
+
+    async def take(self, max_count: int, timeout_s: float) -> list[Received]:
+        """Up to `max_count` live deliveries, waiting up to `timeout_s` for the first."""
+        taken: list[Received] = []
+        try:
+            async with asyncio.timeout(timeout_s):
+                while not taken:
+                    self._keep_if_live(taken, await self._buffer.get())
+        except TimeoutError:
+            return []
+        while len(taken) < max_count and not self._buffer.empty():
+            self._keep_if_live(taken, self._buffer.get_nowait())
+        return taken
+
+    def _keep_if_live(self, taken: list[Received], received: Received) -> None:
+        if self.is_live(received.handle):
+            taken.append(received)
+
+    async def ack(self, handles: Iterable[Handle]) -> None:
+        """Ack live deliveries in as few frames as the tags allow, written in one turn.
+
+        Stale handles are skipped: their messages already went back to the queue.
+        """
+        channel = self._channel
+        tags = [h.tag for h in handles if self.is_live(h)]
+        if channel is None or not tags:
+            return
+        up_to, singles = plan_acks(self._unacked, tags)
+        self._unacked.difference_update(tags)
+        frames = ([(up_to, True)] if up_to is not None else []) + [(t, False) for t in singles]
+        with translate(f"acking for {self.name}"):
+            for i, (tag, multiple) in enumerate(frames):
+                await channel.basic_ack(tag, multiple=multiple, wait=i == len(frames) - 1)
+
+    async def stop(self) -> None:
+        """Stop consuming; what this consumer held goes back to its queues."""
+        self._stopped = True
+        channel, self._channel = self._channel, None
+        if channel is not None and not channel.is_closed:
+            with translate(f"stopping consumer {self.name}"):
+                await channel.close()
