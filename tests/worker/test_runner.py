@@ -202,7 +202,7 @@ async def test_too_many_deliveries_go_straight_to_dead_letters(
             ref=env.id,
             conn=1,
             code="handler_error",
-            message="handler for route poison failed after 1 attempts",
+            message="handler for route poison failed after 1 attempt",
         )
         [dead] = await broker.dead_letters("poison")
         assert dead.error.startswith("handler_error: delivered 2 times")

@@ -63,8 +63,9 @@ class Context:
 
     async def push_user(self, user: str, route: str, data: Any) -> None:
         """Push to every connection of `user`, on whichever gateways hold them."""
+        user = _check_name("user", user)
         push = Push(route=_check_name("route", route), data=encode_json(data), user=user)
-        await self._broker.send_to_user(_check_name("user", user), push)
+        await self._broker.send_to_user(user, push)
 
     async def push_conn(self, addr: ConnAddr, route: str, data: Any) -> None:
         """Push to one connection (e.g. `ctx.conn`, or a member from `room_members`)."""
@@ -73,8 +74,9 @@ class Context:
 
     async def publish_room(self, room: str, route: str, data: Any) -> None:
         """Push to every member of `room`; at-most-once (pub/sub, no replay)."""
+        room = _check_name("room", room)
         push = Push(route=_check_name("route", route), data=encode_json(data), room=room)
-        await self._broker.publish_room(_check_name("room", room), push)
+        await self._broker.publish_room(room, push)
 
     async def join(
         self, room: str, conn: ConnAddr | None = None, *, user: str | None = None

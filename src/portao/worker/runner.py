@@ -310,7 +310,8 @@ class Worker:
             "message %s for route %s dead-lettered after %d attempts", env.id, env.route, attempts
         )
         if env.kind == "call":
-            message = f"handler for route {env.route} failed after {attempts} attempts"
+            plural = "" if attempts == 1 else "s"
+            message = f"handler for route {env.route} failed after {attempts} attempt{plural}"
             await self.broker.send_to_gateway(
                 env.gateway,
                 ErrorReply(
