@@ -12,9 +12,10 @@ import msgspec
 import pytest
 
 from portao.broker.base import Delivery
+from portao.broker.memory import MemoryBroker
 from portao.config import Settings
 from portao.envelope import ErrorReply, Join, Reply
-from portao.errors import BrokerUnavailable, ConfigError
+from portao.errors import BrokerUnavailable, ConfigError, UnknownRoute
 from portao.worker import App, Context, Worker
 from tests.worker.harness import (
     FakeClock,
@@ -517,3 +518,23 @@ async def test_failed_ack_is_retried(make_settings: MakeSettings) -> None:
             await gw.read(1)
         assert flaky.failures == 1
         await assert_settled(broker, clock, "echo")
+
+
+async def test_worker_waits_for_a_broker_that_is_not_up_yet(make_settings: MakeSettings) -> None:
+    settings = make_settings()
+    broker = MemoryBroker(settings, clock=FakeClock())  # not connected: every call fails
+    worker = Worker(echo_app(), broker, broker, settings, fetch_timeout_s=0.05)
+    async with running(worker):
+        await asyncio.sleep(0)  # the worker's first registration fails
+        await broker.connect()
+        gw = HandGateway(broker)
+        await gw.open()
+        async with asyncio.timeout(3):
+            while True:  # the route exists once the worker's retry registered it
+                try:
+                    env = await gw.publish("echo", "up")
+                    break
+                except UnknownRoute:
+                    await asyncio.sleep(0.05)
+        assert await gw.read(1) == [Reply(ref=env.id, conn=1, data=b'"up"')]
+    await broker.aclose()

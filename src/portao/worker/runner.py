@@ -123,9 +123,9 @@ class Worker:
         """
         if not self._routes:
             raise ConfigError(f"app {self.app.name!r} has no routes")
-        await self.broker.register_routes(self._routes)
         self._running = True
         try:
+            await self._register_routes()
             async with asyncio.TaskGroup() as tg:
                 extender = tg.create_task(self._extend_loop(), name="portao-worker-extend")
                 acker = tg.create_task(self._ack_loop(), name="portao-worker-ack")
@@ -144,6 +144,18 @@ class Worker:
             self._done.set()
 
     # -- the loops -------------------------------------------------------------
+
+    async def _register_routes(self) -> None:
+        """Announce the routes, waiting out a broker that is not up yet."""
+        while not self.stopping:
+            try:
+                await self.broker.register_routes(self._routes)
+                return
+            except BrokerError as exc:
+                log.warning(
+                    "route registration failed, retrying in %.1f s: %s", BROKER_RETRY_S, exc
+                )
+                await self._sleep_unless_stopping(BROKER_RETRY_S)
 
     async def _fetch_loop(self, tg: asyncio.TaskGroup, burst: bool) -> None:
         while not self.stopping:
