@@ -13,6 +13,7 @@ from collections.abc import Callable
 from typing import Any
 
 import pytest
+import uvloop
 
 from portao.config import Settings
 
@@ -37,6 +38,11 @@ def require_service(name: str, host: str, port: int) -> None:
     if IN_CI:
         pytest.fail(reason + " (CI=true: broker tests must not skip)")
     pytest.skip(reason)
+
+
+def pytest_asyncio_loop_factories(config: Any, item: Any) -> dict[str, Any]:
+    """Tests run on uvloop, the loop portao runs on in production."""
+    return {"uvloop": uvloop.new_event_loop}
 
 
 @pytest.fixture

@@ -193,12 +193,14 @@ def token(
             raise click.UsageError(f"--private-key is required for {settings.jwt_algorithm}")
         key = private_key.read_text()
     room_list = [r.strip() for r in rooms.split(",") if r.strip()] if rooms else None
-    click.echo(
-        mint_token(
+    try:
+        minted = mint_token(
             key, sub, rooms=room_list, ttl_s=ttl_s, algorithm=settings.jwt_algorithm,
             now=time.time(),
         )
-    )
+    except ValueError as exc:
+        raise click.UsageError(str(exc)) from None
+    click.echo(minted)
 
 
 @main.command()

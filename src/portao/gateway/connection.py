@@ -11,6 +11,7 @@ import asyncio
 import contextlib
 import logging
 import time
+import typing
 from collections.abc import Callable
 from typing import TYPE_CHECKING
 
@@ -73,9 +74,9 @@ class ClientConnection(asyncio.Protocol):
     # -- asyncio.Protocol ---------------------------------------------------------
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        assert isinstance(transport, asyncio.Transport)
-        self._transport = transport
-        sock = transport.get_extra_info("socket")
+        # uvloop's transports are not asyncio.Transport subclasses; same interface.
+        self._transport = typing.cast(asyncio.Transport, transport)
+        sock = self._transport.get_extra_info("socket")
         if sock is not None:
             with contextlib.suppress(OSError):  # the socket may already be gone
                 set_keepalive(sock)
