@@ -14,7 +14,7 @@ import contextlib
 import logging
 import random
 import time
-from collections.abc import Callable, Coroutine
+from collections.abc import Callable, Coroutine, Iterable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -249,7 +249,7 @@ class Gateway:
         try:
             for room in rooms:
                 await self.state.room_leave(room, Member(self.id, conn_id, user))
-            await self._sync_bindings(user=user, rooms=rooms)
+            await self._sync_bindings(users=[user], rooms=rooms)
         except BrokerError as exc:
             log.info("cleanup of conn %d deferred to expiry: %s", conn_id, exc)
 
@@ -291,7 +291,7 @@ class Gateway:
         self, conn: ClientConnection, user: str, action: Authenticated
     ) -> None:
         try:
-            await self._sync_bindings(user=user)
+            await self._sync_bindings(users=[user])
         except BrokerError as exc:
             # The user is authenticated; pushes to it may miss until the next auth.
             log.warning("bind_user failed: %s", exc, extra={"conn": conn.conn_id})
@@ -347,7 +347,7 @@ class Gateway:
                 del self.rooms[room]
 
     async def _sync_bindings(
-        self, *, user: str | None = None, rooms: list[str] | tuple[str, ...] = ()
+        self, *, users: Iterable[str] = (), rooms: Iterable[str] = ()
     ) -> None:
         """Make the broker's bindings match the local tables.
 
@@ -355,7 +355,7 @@ class Gateway:
         is held, so a join racing a leave always ends in the state the tables hold.
         """
         async with self._binding_lock:
-            if user is not None:
+            for user in users:
                 wanted = user in self.users
                 if wanted and user not in self._bound_users:
                     await self.broker.bind_user(self.id, user)
@@ -372,19 +372,43 @@ class Gateway:
                     self._bound_rooms.discard(room)
                     await self.broker.unbind_room(self.id, room)
 
+    async def _reattach(self) -> None:
+        """Open the inbox again and restore every binding and room membership.
+
+        After an outage longer than `presence_ttl_s` (or a broker restarted without
+        its data) the broker has forgotten this gateway; its connections have not.
+        """
+        await self.broker.open_inbox(self.id)
+        await self._heartbeat_once()
+        async with self._binding_lock:
+            self._bound_users.clear()
+            self._bound_rooms.clear()
+        await self._sync_bindings(users=list(self.users), rooms=list(self.rooms))
+        for room, conn_ids in list(self.rooms.items()):
+            for conn_id in list(conn_ids):
+                conn = self.conns.get(conn_id)
+                if conn is not None and conn.session is not None and conn.session.user:
+                    await self.state.room_join(room, Member(self.id, conn_id, conn.session.user))
+        log.info("inbox reattached", extra={"gateway": self.id})
+
     # -- replies and pushes ---------------------------------------------------------
 
     async def _inbox_loop(self) -> None:
         backoff = 0.1
+        failures = 0
         while True:
             try:
+                if failures >= 2:
+                    await self._reattach()
                 messages = await self.broker.read_inbox(self.id, INBOX_BATCH, INBOX_WAIT_S)
             except BrokerError as exc:
+                failures += 1
                 log.warning("inbox read failed, retrying in %.1fs: %s", backoff, exc)
                 await asyncio.sleep(backoff * (0.5 + random.random()))
                 backoff = min(backoff * 2, 5.0)
                 continue
             backoff = 0.1
+            failures = 0
             for message in messages:
                 await self._dispatch(message)
 
