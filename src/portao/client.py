@@ -182,6 +182,7 @@ class Client:
         self._link_up = asyncio.Event()
         self._link_up.set()
         self._closed_error: ConnectionClosed | None = None
+        self._closing = False
         self._supervisor = asyncio.create_task(self._supervise(link), name="portao-client")
 
     # -- public API -------------------------------------------------------------
@@ -268,6 +269,7 @@ class Client:
     async def aclose(self) -> None:
         """Close the connection and stop the client's task."""
         self._reconnect = False
+        self._closing = True
         self._supervisor.cancel()
         with contextlib.suppress(asyncio.CancelledError):
             await self._supervisor
@@ -335,7 +337,7 @@ class Client:
 
     async def _supervise(self, link: _Link | None) -> None:
         """Read each link until it drops; re-dial while `reconnect` holds."""
-        final = ConnectionClosed(None, "client closed")
+        final = self._drop_error(None)
         try:
             while link is not None:
                 reader = asyncio.create_task(self._read(link), name="portao-client-read")
@@ -353,16 +355,18 @@ class Client:
                     await asyncio.wait([reader])
                     self._link_up.clear()
                     await link.aclose()
-                    self._fail_pending(link.closed_error())
-                final = link.closed_error()
+                    self._fail_pending(self._drop_error(link))
+                final = self._drop_error(link)
                 link = await self._redial(link) if self._should_redial(link) else None
         except RequestError as exc:
             final = ConnectionClosed(exc.code, f"token refused on reconnect: {exc.message}")
-        except asyncio.CancelledError:
-            final = ConnectionClosed(None, "client closed")
-            raise
         finally:
-            self._close_for_good(final)
+            self._close_for_good(self._drop_error(None) if self._closing else final)
+
+    def _drop_error(self, link: _Link | None) -> ConnectionClosed:
+        if self._closing or link is None:
+            return ConnectionClosed(None, "client closed")
+        return link.closed_error()
 
     def _should_redial(self, link: _Link) -> bool:
         if not self._reconnect:
@@ -452,6 +456,18 @@ class Client:
             self.dropped += 1
         queue.put_nowait(item)
 
+    def _take_queued(self) -> list[Push | dict[str, Any]]:
+        """Empty both queues without waiting (what arrived but was not read yet)."""
+        taken: list[Push | dict[str, Any]] = []
+        for queue in (self._pushes, self._unmatched):
+            while not queue.empty():
+                item = queue.get_nowait()
+                if not isinstance(item, Push | dict):
+                    queue.put_nowait(item)  # the closed marker stays last
+                    break
+                taken.append(item)
+        return taken
+
     def _fail_pending(self, error: ConnectionClosed) -> None:
         for future in self._pending.values():
             if not future.done():
@@ -537,13 +553,18 @@ async def run_interactive(client: Client, stdin: TextIO, stdout: TextIO) -> int:
                 if isinstance(command, str):
                     emit({"op": "client_error", "message": command})
                 elif command.get("op") == "quit":
-                    return 0
+                    break
                 elif not await _run_command(client, command, emit):
                     return 1
+            # A round trip, so answers to `raw` messages sent before EOF are in.
+            with contextlib.suppress(ConnectionClosed, TimeoutError):
+                await client.ping()
             return 0
         finally:
             for printer in printers:
                 printer.cancel()
+            for item in client._take_queued():
+                emit(_push_message(item) if isinstance(item, Push) else item)
 
 
 def _parse_command(line: str) -> dict[str, Any] | str:
@@ -589,8 +610,12 @@ async def _run_command(
 
 async def _print_pushes(client: Client, emit: Callable[[dict[str, Any]], None]) -> None:
     async for push in client.pushes():
-        message = {"op": "push", "route": push.route, "data": push.data}
-        emit(message if push.room is None else {**message, "room": push.room})
+        emit(_push_message(push))
+
+
+def _push_message(push: Push) -> dict[str, Any]:
+    message = {"op": "push", "route": push.route, "data": push.data}
+    return message if push.room is None else {**message, "room": push.room}
 
 
 async def _print_unmatched(client: Client, emit: Callable[[dict[str, Any]], None]) -> None:
