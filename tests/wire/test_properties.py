@@ -36,6 +36,7 @@ def cuts_for(data: bytes) -> st.SearchStrategy[list[int]]:
     return st.lists(st.integers(0, len(data)), max_size=len(data))
 
 
+@settings(deadline=None)
 @given(st.lists(line_payloads, max_size=20), st.data())
 def test_newline_same_events_whatever_the_split(payloads: list[bytes], data: st.DataObject) -> None:
     stream = b"".join(p + b"\n" for p in payloads)
@@ -48,6 +49,7 @@ def test_newline_same_events_whatever_the_split(payloads: list[bytes], data: st.
     assert len(whole) == sum(1 for p in expected if p.strip() or len(p) > MAX)
 
 
+@settings(deadline=None)
 @given(st.lists(any_payloads, max_size=20), st.data())
 def test_len_same_events_whatever_the_split(payloads: list[bytes], data: st.DataObject) -> None:
     codec = LengthPrefixCodec(MAX)
@@ -56,6 +58,7 @@ def test_len_same_events_whatever_the_split(payloads: list[bytes], data: st.Data
     assert codec.buffered_bytes == 0
 
 
+@settings(deadline=None)
 @given(st.binary(max_size=400), st.data())
 def test_garbage_never_raises_and_stays_bounded(garbage: bytes, data: st.DataObject) -> None:
     for codec in (NewlineCodec(MAX), LengthPrefixCodec(MAX)):
@@ -68,7 +71,7 @@ def test_garbage_never_raises_and_stays_bounded(garbage: bytes, data: st.DataObj
                 assert len(event.payload) <= MAX
 
 
-@settings(max_examples=300)
+@settings(max_examples=300, deadline=None)
 @given(st.binary(max_size=200))
 def test_decode_garbage_never_raises(payload: bytes) -> None:
     decode_message(payload)
@@ -87,7 +90,7 @@ fields = st.dictionaries(
 )
 
 
-@settings(max_examples=300)
+@settings(max_examples=300, deadline=None)
 @given(ops, fields)
 def test_decode_any_json_object_gives_a_message_or_bad_request(
     op: str, body: dict[str, Any]
