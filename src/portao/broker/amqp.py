@@ -38,7 +38,9 @@ message on top of the same aiormq calls.
 
 from __future__ import annotations
 
+import asyncio
 import logging
+import math
 from collections.abc import Iterable, Sequence
 from contextlib import suppress
 from typing import Any, Literal
@@ -75,6 +77,8 @@ class AmqpBroker:
     def __init__(self, url: str, settings: Settings) -> None:
         self._topology = Topology.from_settings(settings)
         self._prefetch = settings.worker_concurrency
+        self._claim_s = settings.visibility_timeout_s
+        self._ttl_s = settings.presence_ttl_s
         self._timeouts = LinkTimeouts.from_settings(settings)
         self._link = AmqpLink(url, self._timeouts, self._restore)
         self._routes: set[str] = set()  # declared here: re-declared after a reconnect
@@ -82,6 +86,7 @@ class AmqpBroker:
         self._workers: dict[str, Consumer] = {}
         self._inboxes: dict[str, Consumer] = {}
         self._bindings: dict[str, set[tuple[str, str]]] = {}  # gateway -> (exchange, key)
+        self._leases: dict[str, float] = {}  # gateway -> loop time its liveness lapses
 
     def __repr__(self) -> str:
         return f"AmqpBroker({self._link.safe_url!r}, prefix={self._topology.prefix!r})"
@@ -231,23 +236,56 @@ class AmqpBroker:
     async def fetch(
         self, consumer: str, routes: Sequence[str], max_count: int, timeout_s: float
     ) -> list[Delivery]:
-        connection = self._link.connection()
+        """As `Broker.fetch`; waiting wakes up to release consumers with lapsed claims."""
         t = self._topology
         worker = self._workers.get(consumer)
         if worker is None:
-            worker = self._workers[consumer] = Consumer(consumer, self._prefetch, self._link.fail)
+            worker = Consumer(consumer, self._prefetch, self._link.fail, self._claim_s)
+            self._workers[consumer] = worker
         new = [r for r in routes if t.route_queue(r) not in worker.queues]
         if new:
             await self._check_routes(new)
             await worker.add([q for r in new for q in (t.route_queue(r), t.spent_queue(r))])
-        if not worker.is_running():
-            await worker.start(connection)
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + timeout_s
+        while True:
+            wake_at = min(deadline, await self._release_lapsed(loop.time()))
+            if not worker.is_running():
+                await worker.start(self._link.connection())
+            received = await worker.take(max_count, max(0.0, wake_at - loop.time()))
+            if received or loop.time() >= deadline:
+                break
         deliveries: list[Delivery] = []
-        for received in await worker.take(max_count, timeout_s):
-            delivery = await self._delivery(worker, received)
+        for item in received:
+            delivery = await self._delivery(worker, item)
             if delivery is not None:
                 deliveries.append(delivery)
         return deliveries
+
+    async def _release_lapsed(self, now: float) -> float:
+        """Release every consumer with a lapsed claim; when the next claim lapses.
+
+        Such a consumer is taken for dead (frozen, or lost track of its messages):
+        all it held goes back to the queues for the others, as the visibility
+        timeout promises. Other processes' consumers are the broker's business: it
+        takes their messages back when their connection closes or its heartbeat
+        times out.
+        """
+        next_lapse = math.inf
+        for worker in list(self._workers.values()):
+            lapse_at = worker.claims_lapse_at()
+            if lapse_at is None:
+                continue
+            if lapse_at > now:
+                next_lapse = min(next_lapse, lapse_at)
+                continue
+            log.warning(
+                "consumer %s let a claim lapse (no extend within %.1f s): releasing all it holds",
+                worker.name,
+                self._claim_s,
+            )
+            await worker.stop()
+        return next_lapse
 
     async def _delivery(self, worker: Consumer, received: Received) -> Delivery | None:
         """Decode a delivery; one that is no envelope is logged and acked away."""
@@ -272,8 +310,10 @@ class AmqpBroker:
         return worker, [h for h in handles if worker.is_live(h)]
 
     async def extend(self, consumer: str, deliveries: Sequence[Delivery]) -> list[Delivery]:
-        """Nothing to extend on AMQP: lost are the deliveries of a closed channel."""
-        _, live = self._held(consumer, deliveries)
+        """Renew the claims still held; lost are those of a closed or released channel."""
+        worker, live = self._held(consumer, deliveries)
+        if worker is not None:
+            worker.extend(live)
         return [d for d in deliveries if d.handle not in live]
 
     async def ack(self, consumer: str, deliveries: Sequence[Delivery]) -> None:
@@ -320,15 +360,17 @@ class AmqpBroker:
     # -- gateway side ---------------------------------------------------------------
 
     async def open_inbox(self, gateway_id: str) -> None:
+        """Create the inbox (a lapsed one starts over empty) and start consuming it."""
+        await self._drop_if_lapsed(gateway_id)
         connection = self._link.connection()
         t = self._topology
         with translate("declaring an inbox"):
             await self._declare_queue(connection, t.inbox(gateway_id), t.inbox_args())
+        self._renew(gateway_id)
         inbox = self._inboxes.get(gateway_id)
         if inbox is None:
-            inbox = self._inboxes[gateway_id] = Consumer(
-                f"inbox {gateway_id}", INBOX_PREFETCH, self._link.fail
-            )
+            inbox = Consumer(f"inbox {gateway_id}", INBOX_PREFETCH, self._link.fail)
+            self._inboxes[gateway_id] = inbox
             await inbox.add([t.inbox(gateway_id)])
         if not inbox.is_running():
             await inbox.start(connection)
@@ -336,11 +378,16 @@ class AmqpBroker:
     async def read_inbox(
         self, gateway_id: str, max_count: int, timeout_s: float
     ) -> list[InboxMessage]:
-        """As `Broker.read_inbox`; `BrokerUnavailable` if the inbox was never opened."""
+        """As `Broker.read_inbox`; `BrokerUnavailable` once the inbox is gone.
+
+        Gone means closed, never opened, or lapsed after a missed heartbeat: the
+        gateway must `open_inbox` again and rebind its users and rooms.
+        """
+        await self._drop_if_lapsed(gateway_id)
         self._link.connection()
         inbox = self._inboxes.get(gateway_id)
         if inbox is None:
-            raise BrokerUnavailable(f"the inbox of {gateway_id} is not open")
+            raise BrokerUnavailable(f"the inbox of {gateway_id} is gone; open it again")
         received = await inbox.take(max_count, timeout_s)
         messages: list[InboxMessage] = []
         for item in received:
@@ -352,18 +399,40 @@ class AmqpBroker:
         return messages
 
     async def close_inbox(self, gateway_id: str) -> None:
+        await self._drop_inbox(gateway_id)
+
+    async def heartbeat(self, gateway_id: str) -> None:
+        """Renew this gateway's liveness: local bookkeeping, nothing goes to the server.
+
+        The server expires an inbox `presence_ttl_s` after its last consumer left (a
+        dead gateway's); a live gateway that stopped beating loses its inbox and
+        bindings here, on its next call, as on the other backends.
+        """
+        if gateway_id in self._leases:
+            await self._drop_if_lapsed(gateway_id)
+        if gateway_id in self._inboxes:
+            self._renew(gateway_id)
+
+    def _renew(self, gateway_id: str) -> None:
+        self._leases[gateway_id] = asyncio.get_running_loop().time() + self._ttl_s
+
+    async def _drop_if_lapsed(self, gateway_id: str) -> None:
+        lapse_at = self._leases.get(gateway_id)
+        if lapse_at is not None and lapse_at <= asyncio.get_running_loop().time():
+            log.info("gateway %s missed its heartbeat: dropping its inbox and bindings", gateway_id)
+            await self._drop_inbox(gateway_id)
+
+    async def _drop_inbox(self, gateway_id: str) -> None:
+        """Stop consuming the inbox and delete it, bindings and all."""
         connection = self._link.connection()
         inbox = self._inboxes.pop(gateway_id, None)
         self._bindings.pop(gateway_id, None)
+        self._leases.pop(gateway_id, None)
         if inbox is not None:
             await inbox.stop()
         with translate("deleting an inbox"):
             admin = await self._link.admin(connection)
             await admin.queue_delete(self._topology.inbox(gateway_id))
-
-    async def heartbeat(self, gateway_id: str) -> None:
-        """Nothing to refresh (the inbox expiry counts from its last consumer)."""
-        self._link.connection()
 
     async def bind_user(self, gateway_id: str, user: str) -> None:
         await self._bind(gateway_id, self._topology.users, user)
@@ -379,8 +448,10 @@ class AmqpBroker:
 
     async def _bind(self, gateway_id: str, exchange: str, key: str) -> None:
         """Bind the inbox (kept to re-bind after a reconnect); a gone inbox is no error."""
+        await self._drop_if_lapsed(gateway_id)
         connection = self._link.connection()
-        self._bindings.setdefault(gateway_id, set()).add((exchange, key))
+        if gateway_id in self._inboxes:
+            self._bindings.setdefault(gateway_id, set()).add((exchange, key))
         with translate("binding an inbox"):
             admin = await self._link.admin(connection)
             try:
@@ -389,6 +460,7 @@ class AmqpBroker:
                 log.info("no inbox for gateway %s: %s binding not made", gateway_id, exchange)
 
     async def _unbind(self, gateway_id: str, exchange: str, key: str) -> None:
+        await self._drop_if_lapsed(gateway_id)
         connection = self._link.connection()
         self._bindings.get(gateway_id, set()).discard((exchange, key))
         with translate("unbinding an inbox"):

@@ -1,11 +1,16 @@
-"""A channel consuming queues into a local buffer, and its batched acks.
+"""A channel consuming queues into a local buffer: claims and batched acks.
 
 Workers and gateway inboxes both read this way: `basic.consume` with manual acks and
 a prefetch bound, the broker pushes deliveries, the consumer callback only appends
 them to an `asyncio.Queue`, and `take` hands out what arrived (waiting up to a
 timeout). A delivery tag is valid only on the channel it came on: after the channel
-closed (link lost, consumer bounced) its deliveries are back in their queue, so a
+closed (link lost, consumer released) its deliveries are back in their queue, so a
 stale handle is never acked, and `is_live` reports the claim lost.
+
+Claims: a worker's consumer may keep a message `claim_s` (the visibility timeout)
+after `take` or its last `extend`. AMQP itself only takes messages back when the
+channel closes, so the broker releases (`stop`s) a consumer that let a claim lapse:
+everything it held returns to the queues at once, as from a dead worker.
 """
 
 from __future__ import annotations
@@ -59,16 +64,23 @@ def plan_acks(outstanding: set[int], done: Iterable[int]) -> tuple[int | None, l
 class Consumer:
     """A channel consuming `queues` (with `prefetch` each) into one buffer."""
 
-    def __init__(self, name: str, prefetch: int, on_lost: Callable[[str], None]) -> None:
+    def __init__(
+        self,
+        name: str,
+        prefetch: int,
+        on_lost: Callable[[str], None],
+        claim_s: float | None = None,
+    ) -> None:
         self.name = name
         self.queues: list[str] = []
         self._prefetch = prefetch
         self._on_lost = on_lost
+        self._claim_s = claim_s
         self._channel: aiormq.abc.AbstractChannel | None = None
         self._consuming: set[str] = set()
         self._unacked: set[int] = set()
+        self._claims: dict[int, float] = {}  # tag -> loop time the claim lapses
         self._buffer: asyncio.Queue[Received] = asyncio.Queue()
-        self._stopped = False
 
     async def start(self, connection: aiormq.abc.AbstractConnection) -> None:
         """Consume every queue on a fresh channel (first start, or after a reconnect)."""
@@ -77,6 +89,7 @@ class Consumer:
             self._channel = channel
             self._consuming = set()
             self._unacked = set()
+            self._claims = {}
             channel.closing.add_done_callback(lambda _: self._closed(channel))
             await channel.basic_qos(prefetch_count=self._prefetch)
             for queue in list(self.queues):
@@ -109,7 +122,7 @@ class Consumer:
         await channel.basic_consume(queue, on_message, no_ack=False)
 
     def _closed(self, channel: aiormq.abc.AbstractChannel) -> None:
-        if channel is self._channel and not self._stopped:
+        if channel is self._channel:  # not closed by `stop`
             self._on_lost(f"the channel of consumer {self.name} closed")
 
     def is_running(self) -> bool:
@@ -122,19 +135,38 @@ class Consumer:
     async def take(self, max_count: int, timeout_s: float) -> list[Received]:
         """Up to `max_count` live deliveries, waiting up to `timeout_s` for the first."""
         taken: list[Received] = []
-        try:
-            async with asyncio.timeout(timeout_s):
-                while not taken:
-                    self._keep_if_live(taken, await self._buffer.get())
-        except TimeoutError:
-            return []
+        self._drain(taken, max_count)
+        if not taken:
+            try:
+                async with asyncio.timeout(timeout_s):
+                    while not taken:
+                        self._keep_if_live(taken, await self._buffer.get())
+            except TimeoutError:
+                return []
+            self._drain(taken, max_count)
+        self.extend(r.handle for r in taken)
+        return taken
+
+    def _drain(self, taken: list[Received], max_count: int) -> None:
         while len(taken) < max_count and not self._buffer.empty():
             self._keep_if_live(taken, self._buffer.get_nowait())
-        return taken
 
     def _keep_if_live(self, taken: list[Received], received: Received) -> None:
         if self.is_live(received.handle):
             taken.append(received)
+
+    def extend(self, handles: Iterable[Handle]) -> None:
+        """Push the claims on live deliveries out by `claim_s` from now."""
+        if self._claim_s is None:
+            return
+        lapse_at = asyncio.get_running_loop().time() + self._claim_s
+        for handle in handles:
+            if self.is_live(handle):
+                self._claims[handle.tag] = lapse_at
+
+    def claims_lapse_at(self) -> float | None:
+        """Loop time at which the oldest claim lapses; None when nothing is claimed."""
+        return min(self._claims.values(), default=None)
 
     async def ack(self, handles: Iterable[Handle]) -> None:
         """Ack live deliveries in as few frames as the tags allow, written in one turn.
@@ -147,15 +179,17 @@ class Consumer:
             return
         up_to, singles = plan_acks(self._unacked, tags)
         self._unacked.difference_update(tags)
+        for tag in tags:
+            self._claims.pop(tag, None)
         frames = ([(up_to, True)] if up_to is not None else []) + [(t, False) for t in singles]
         with translate(f"acking for {self.name}"):
             for i, (tag, multiple) in enumerate(frames):
                 await channel.basic_ack(tag, multiple=multiple, wait=i == len(frames) - 1)
 
     async def stop(self) -> None:
-        """Stop consuming; what this consumer held goes back to its queues."""
-        self._stopped = True
+        """Stop consuming; what it held goes back to its queues. `start` resumes."""
         channel, self._channel = self._channel, None
+        self._claims = {}
         if channel is not None and not channel.is_closed:
             with translate(f"stopping consumer {self.name}"):
                 await channel.close()
