@@ -57,6 +57,7 @@ class FakeGateway:
         self.auths = 0
         self.subs: list[str] = []
         self.held: list[tuple[int | str, bytes]] = []
+        self.refuse_auth = False
         self.writers: set[asyncio.StreamWriter] = set()
         self.server: asyncio.Server | None = None
 
@@ -102,7 +103,7 @@ class FakeGateway:
         match message:
             case BadMessage(code=code, message=text, id=id):
                 return [encode_error(code, text, id)], False
-            case Auth(token="good", id=id):
+            case Auth(token="good", id=id) if not self.refuse_auth:
                 self.auths += 1
                 return [encode_ok("ana", id)], False
             case Auth(id=id):
@@ -302,6 +303,18 @@ async def test_reconnect_stops_on_unauthorized(gateway: FakeGateway) -> None:
             await client.ping()
         assert caught.value.code == "unauthorized"
         assert gateway.auths == 1
+
+
+async def test_reconnect_ends_when_the_token_is_refused(gateway: FakeGateway) -> None:
+    async with await connect(gateway.url, token="good", reconnect=True) as client:
+        gateway.refuse_auth = True
+        with pytest.raises(ConnectionClosed):
+            await client.call("drop")
+        with pytest.raises(ConnectionClosed) as caught:
+            await client.ping()
+        assert caught.value.code == "unauthorized"
+        assert "token refused" in caught.value.message
+        assert client.is_closed
 
 
 async def test_reconnect_after_shutdown_waits_retry_after(gateway: FakeGateway) -> None:

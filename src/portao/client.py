@@ -316,30 +316,31 @@ class Client:
 
     async def _wait_link(self) -> _Link:
         """The current link, waiting through a reconnection."""
-        while not self._link_up.is_set():
-            if self._closed_error is not None:
-                raise self._closed_error
-            await self._link_up.wait()
-        if self._closed_error is not None:
-            raise self._closed_error
+        await self._link_up.wait()
+        self._raise_if_closed()
         return self._link
+
+    def _raise_if_closed(self) -> None:
+        if self._closed_error is not None:
+            # A fresh exception each time: one instance raised again and again
+            # would grow its traceback without bound.
+            raise ConnectionClosed(self._closed_error.code, self._closed_error.message)
 
     async def _next(self, queue: asyncio.Queue[Any], timeout_s: float | None) -> object:
         async with asyncio.timeout(timeout_s):
             item = await queue.get()
         if item is _CLOSED:
             queue.put_nowait(_CLOSED)  # every later reader sees it too
-            assert self._closed_error is not None
-            raise self._closed_error
+            self._raise_if_closed()
         return item
 
     # -- the supervisor task ----------------------------------------------------
 
-    async def _supervise(self, link: _Link | None) -> None:
+    async def _supervise(self, link: _Link) -> None:
         """Read each link until it drops; re-dial while `reconnect` holds."""
-        final = self._drop_error(None)
+        final: ConnectionClosed | None = None  # None: closed by aclose()
         try:
-            while link is not None:
+            while True:
                 reader = asyncio.create_task(self._read(link), name="portao-client-read")
                 try:
                     if link is not self._link:
@@ -356,14 +357,17 @@ class Client:
                     self._link_up.clear()
                     await link.aclose()
                     self._fail_pending(self._drop_error(link))
-                final = self._drop_error(link)
-                link = await self._redial(link) if self._should_redial(link) else None
+                if not self._should_redial(link):
+                    final = self._drop_error(link)
+                    break
+                link = await self._redial(link)
         except RequestError as exc:
             final = ConnectionClosed(exc.code, f"token refused on reconnect: {exc.message}")
         finally:
-            self._close_for_good(self._drop_error(None) if self._closing else final)
+            self._close_for_good(final or self._drop_error(None))
 
     def _drop_error(self, link: _Link | None) -> ConnectionClosed:
+        """Why requests on `link` failed: closed by us, or the link's own end."""
         if self._closing or link is None:
             return ConnectionClosed(None, "client closed")
         return link.closed_error()
@@ -471,7 +475,7 @@ class Client:
     def _fail_pending(self, error: ConnectionClosed) -> None:
         for future in self._pending.values():
             if not future.done():
-                future.set_exception(error)
+                future.set_exception(ConnectionClosed(error.code, error.message))
 
     def _close_for_good(self, error: ConnectionClosed) -> None:
         self._closed_error = error
