@@ -1,0 +1,177 @@
+"""Many gateways, many workers, one Redis: real processes, nothing lost.
+
+Issue 3's scale-out tests: two gateways and two workers serve one room;
+10,000 calls survive a worker killed with SIGKILL; a killed gateway's users
+leave presence.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import random
+import signal
+import time
+from collections import Counter
+from pathlib import Path
+
+import pytest
+
+from portao.client import Client, connect
+from portao.errors import RequestError
+from portao.session.auth import mint_token
+from tests.conftest import REDIS_HOST, REDIS_PORT, require_service
+from tests.procs import SECRET, free_port, processes, wait_exit
+
+pytestmark = pytest.mark.redis
+
+APP = "tests.apps.scale:app"
+
+
+@pytest.fixture(autouse=True)
+def _redis() -> None:
+    require_service("Redis", REDIS_HOST, REDIS_PORT)
+
+
+def token(user: str) -> str:
+    return mint_token(SECRET, user, rooms=["*"], now=time.time())
+
+
+async def client(port: int, user: str) -> Client:
+    return await connect(f"tcp://127.0.0.1:{port}", token=token(user))
+
+
+async def test_two_gateways_two_workers_chat(tmp_path: Path, prefix: str) -> None:
+    broker = f"redis://{REDIS_HOST}:{REDIS_PORT}/0"
+    with processes(tmp_path, broker=broker, prefix=prefix) as procs:
+        ports = [free_port(), free_port()]
+        for i, port in enumerate(ports):
+            procs.gateway(port, name=f"gateway{i}")
+        for i in range(2):
+            procs.worker(APP, name=f"worker{i}")
+        alice = await client(ports[0], "alice")
+        bob = await client(ports[1], "bob")
+        try:
+            for c in (alice, bob):
+                assert await c.call("chat.join", {"room": "lobby"}) == {
+                    "room": "lobby",
+                    "joined": True,
+                }
+            assert await alice.call("chat.who", {"room": "lobby"}) == ["alice", "bob"]
+            assert await bob.call("chat.say", {"room": "lobby", "text": "hi"}) == {
+                "delivered": True
+            }
+            for c in (alice, bob):
+                push = await c.next_push(timeout_s=5)
+                assert push.route == "chat.message"
+                assert push.data == {"room": "lobby", "user": "bob", "text": "hi"}
+            # push_user reaches a user on either gateway, from either worker
+            for _ in range(4):
+                assert await alice.call("poke", "bob") is True
+                assert (await bob.next_push(timeout_s=5)).data == {"by": "alice"}
+                assert await bob.call("poke", "alice") is True
+                assert (await alice.next_push(timeout_s=5)).data == {"by": "bob"}
+        finally:
+            await alice.aclose()
+            await bob.aclose()
+
+
+async def test_ten_thousand_calls_survive_a_killed_worker(tmp_path: Path, prefix: str) -> None:
+    broker = f"redis://{REDIS_HOST}:{REDIS_PORT}/0"
+    with processes(
+        tmp_path, broker=broker, prefix=prefix, visibility_timeout_s="1", heartbeat_s="1",
+        call_timeout_s="60",
+    ) as procs:
+        ports = [free_port(), free_port()]
+        for i, port in enumerate(ports):
+            procs.gateway(port, name=f"gateway{i}")
+        victim = procs.worker(APP, name="victim")
+        procs.worker(APP, name="survivor")
+        clients = [await client(ports[i % 2], f"user{i}") for i in range(200)]
+        answers: Counter[str] = Counter()
+        wrong: list[tuple[str, object]] = []
+
+        async def run(c: Client, index: int) -> None:
+            async def one(n: int) -> None:
+                key = f"{index}:{n}"
+                reply = await c.call("work", {"key": key, "sleep": 0.002}, timeout_s=90)
+                answers[key] += 1
+                if reply != {"key": key, "sleep": 0.002}:
+                    wrong.append((key, reply))
+
+            await asyncio.gather(*(one(n) for n in range(50)))
+
+        async def killer() -> None:
+            await asyncio.sleep(1.0)
+            victim.send_signal(signal.SIGKILL)
+            await asyncio.sleep(0.5)
+            procs.worker(APP, name="replacement")
+
+        try:
+            await asyncio.gather(killer(), *(run(c, i) for i, c in enumerate(clients)))
+        finally:
+            for c in clients:
+                await c.aclose()
+        assert victim.poll() == -signal.SIGKILL
+        assert wrong == []
+        assert len(answers) == 10_000, procs.logs()
+        assert set(answers.values()) == {1}
+
+
+async def test_killed_gateway_users_leave_presence(tmp_path: Path, prefix: str) -> None:
+    broker = f"redis://{REDIS_HOST}:{REDIS_PORT}/0"
+    with processes(
+        tmp_path, broker=broker, prefix=prefix, presence_ttl_s="2", heartbeat_s="0.5"
+    ) as procs:
+        ports = [free_port(), free_port()]
+        doomed = procs.gateway(ports[0], name="doomed")
+        procs.gateway(ports[1], name="steady")
+        procs.worker(APP, name="worker")
+        ghost = await client(ports[0], "ghost")
+        alice = await client(ports[1], "alice")
+        try:
+            await ghost.call("chat.join", {"room": "lobby"})
+            await alice.call("chat.join", {"room": "lobby"})
+            assert await alice.call("chat.who", {"room": "lobby"}) == ["alice", "ghost"]
+            doomed.send_signal(signal.SIGKILL)
+            await wait_exit(doomed, 10)
+            killed_at = time.monotonic()
+            while await alice.call("chat.who", {"room": "lobby"}) != ["alice"]:
+                assert time.monotonic() - killed_at < 2 + 3, "ghost still present"
+                await asyncio.sleep(0.2)
+            # push_user to the ghost goes nowhere and harms nothing
+            assert await alice.call("poke", "ghost") is True
+        finally:
+            await ghost.aclose()
+            await alice.aclose()
+
+
+async def test_unknown_route_and_queueing_without_workers(tmp_path: Path, prefix: str) -> None:
+    broker = f"redis://{REDIS_HOST}:{REDIS_PORT}/0"
+    with processes(tmp_path, broker=broker, prefix=prefix) as procs:
+        port = free_port()
+        procs.gateway(port)
+        alice = await client(port, "alice")
+        try:
+            with pytest.raises(RequestError) as info:
+                await alice.call("echo", 1)
+            assert info.value.code == "unknown_route"
+            worker = procs.worker(APP, name="first")
+            deadline = time.monotonic() + 15
+            while True:  # routes are registered once the worker is up
+                try:
+                    assert await alice.call("echo", 1) == 1
+                    break
+                except RequestError as exc:
+                    if exc.code != "unknown_route" or time.monotonic() > deadline:
+                        raise
+                    await asyncio.sleep(0.1)
+            worker.send_signal(signal.SIGTERM)
+            assert await wait_exit(worker, 20) == 0
+            # no worker alive: calls queue and are answered once one comes back
+            pending = asyncio.create_task(alice.call("echo", random.random(), timeout_s=30))
+            await asyncio.sleep(0.5)
+            assert not pending.done()
+            procs.worker(APP, name="second")
+            assert isinstance(await asyncio.wait_for(pending, 20), float)
+        finally:
+            await alice.aclose()
