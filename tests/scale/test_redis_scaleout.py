@@ -40,6 +40,19 @@ async def client(port: int, user: str) -> Client:
     return await connect(f"tcp://127.0.0.1:{port}", token=token(user))
 
 
+async def until_served(c: Client, timeout_s: float = 20.0) -> None:
+    """Wait until a worker has registered the app's routes."""
+    deadline = time.monotonic() + timeout_s
+    while True:
+        try:
+            await c.call("echo", None)
+            return
+        except RequestError as exc:
+            if exc.code != "unknown_route" or time.monotonic() > deadline:
+                raise
+            await asyncio.sleep(0.1)
+
+
 async def test_two_gateways_two_workers_chat(tmp_path: Path, prefix: str) -> None:
     broker = f"redis://{REDIS_HOST}:{REDIS_PORT}/0"
     with processes(tmp_path, broker=broker, prefix=prefix) as procs:
@@ -51,6 +64,7 @@ async def test_two_gateways_two_workers_chat(tmp_path: Path, prefix: str) -> Non
         alice = await client(ports[0], "alice")
         bob = await client(ports[1], "bob")
         try:
+            await until_served(alice)
             for c in (alice, bob):
                 assert await c.call("chat.join", {"room": "lobby"}) == {
                     "room": "lobby",
@@ -87,6 +101,7 @@ async def test_ten_thousand_calls_survive_a_killed_worker(tmp_path: Path, prefix
         victim = procs.worker(APP, name="victim")
         procs.worker(APP, name="survivor")
         clients = [await client(ports[i % 2], f"user{i}") for i in range(200)]
+        await until_served(clients[0])
         answers: Counter[str] = Counter()
         wrong: list[tuple[str, object]] = []
 
@@ -129,6 +144,7 @@ async def test_killed_gateway_users_leave_presence(tmp_path: Path, prefix: str) 
         ghost = await client(ports[0], "ghost")
         alice = await client(ports[1], "alice")
         try:
+            await until_served(alice)
             await ghost.call("chat.join", {"room": "lobby"})
             await alice.call("chat.join", {"room": "lobby"})
             assert await alice.call("chat.who", {"room": "lobby"}) == ["alice", "ghost"]
@@ -156,15 +172,7 @@ async def test_unknown_route_and_queueing_without_workers(tmp_path: Path, prefix
                 await alice.call("echo", 1)
             assert info.value.code == "unknown_route"
             worker = procs.worker(APP, name="first")
-            deadline = time.monotonic() + 15
-            while True:  # routes are registered once the worker is up
-                try:
-                    assert await alice.call("echo", 1) == 1
-                    break
-                except RequestError as exc:
-                    if exc.code != "unknown_route" or time.monotonic() > deadline:
-                        raise
-                    await asyncio.sleep(0.1)
+            await until_served(alice)
             worker.send_signal(signal.SIGTERM)
             assert await wait_exit(worker, 20) == 0
             # no worker alive: calls queue and are answered once one comes back
