@@ -140,6 +140,9 @@ class Session:
                 return self._close(event.code, event.message)
             return [SendPayload(wire.encode_error(event.code, event.message))]
         bucket = self._bucket
+        # Checked before taking: right after a take the bucket is never full.
+        if self._rate_limited and bucket.is_full(now):
+            self._rate_limited = False
         if not bucket.try_take(now):
             # Only the first message over the limit is answered; after that the
             # client just waits (backpressure, not an error storm) until it has
@@ -154,12 +157,12 @@ class Session:
                 ),
                 PauseReading(bucket.next_token_at(now)),
             ]
-        if self._rate_limited and bucket.is_full(now):
-            self._rate_limited = False
         return self.receive_message(wire.decode_message(event.payload), now)
 
     def receive_message(self, message: ClientMessage | BadMessage, now: float) -> list[Action]:
         """Handle one decoded client message."""
+        if self.state is State.CLOSED:
+            return []
         match message:
             case BadMessage(code=code, message=text, id=request_id):
                 return [SendPayload(wire.encode_error(code, text, request_id))]
