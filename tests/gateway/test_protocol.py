@@ -483,3 +483,16 @@ async def test_many_connections_many_calls(stack: Stack) -> None:
 
     results = await asyncio.gather(*(run(c, 40) for c in clients))
     assert all(r == list(range(40)) for r in results)
+
+
+async def test_accepted_sockets_have_keepalive(stack: Stack) -> None:
+    import socket
+
+    await stack.authed()
+    [conn] = stack.gateway.conns.values()
+    assert conn._transport is not None
+    sock = conn._transport.get_extra_info("socket")
+    assert sock.getsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE) == 1
+    assert sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_KEEPIDLE) == 30
+    assert sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_KEEPINTVL) == 10
+    assert sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_KEEPCNT) == 3
