@@ -580,9 +580,7 @@ class RedisBroker:
         args: list[Any] = [GROUP, consumer]
         for delivery, entry in held:
             args += [index[entry.route], entry.entry_id, delivery.deliveries]
-        kept = await self._eval(
-            scripts.EXTEND, [self._keys.queue(route) for route in routes], args
-        )
+        kept = await self._eval(scripts.EXTEND, [self._keys.queue(route) for route in routes], args)
         return foreign + [d for (d, _), ok in zip(held, kept, strict=True) if not ok]
 
     async def ack(self, consumer: str, deliveries: Sequence[Delivery]) -> None:
