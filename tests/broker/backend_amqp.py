@@ -27,6 +27,22 @@ from tests.conftest import AMQP_HOST, AMQP_PORT, REDIS_HOST, REDIS_PORT, require
 CTL_TIMEOUT_S = 60.0
 
 
+async def rabbitmqctl(*args: str) -> str:
+    """Run `rabbitmqctl -q ARGS`; its output, or RuntimeError when it fails."""
+    process = await asyncio.create_subprocess_exec(
+        "rabbitmqctl",
+        "-q",
+        *args,
+        stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.STDOUT,
+    )
+    async with asyncio.timeout(CTL_TIMEOUT_S):
+        out, _ = await process.communicate()
+    if process.returncode != 0:
+        raise RuntimeError(f"rabbitmqctl {' '.join(args)}: {out.decode()}")
+    return out.decode()
+
+
 def _add(vhost: str) -> str:
     name = f'<<"{vhost}">>'
     return (
