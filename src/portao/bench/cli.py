@@ -1,0 +1,102 @@
+"""`portao bench`: the click group (wired into `portao` as `main.add_command(bench)`)."""
+
+from __future__ import annotations
+
+import sys
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any, TypeVar
+
+import click
+
+from portao.bench import loadgen, report
+
+F = TypeVar("F", bound=Callable[..., Any])
+
+
+def _progress(line: str) -> None:
+    """Progress goes to stderr: one rewritten line on a terminal, else plain lines."""
+    if sys.stderr.isatty():
+        click.echo(f"\r\033[K{line}", err=True, nl=False)
+    else:
+        click.echo(line, err=True)
+
+
+def load_options(func: F) -> F:
+    """Options every scenario shares."""
+    options = [
+        click.option("--target", default="tcp://127.0.0.1:7878", show_default=True,
+                     help="Gateway listener (newline JSON)."),
+        click.option("-c", "--connections", type=click.IntRange(min=1), default=1000,
+                     show_default=True),
+        click.option("-p", "--processes", type=click.IntRange(min=0), default=0,
+                     help="Load-generator processes (0: one per 18,000 connections)."),
+        click.option("-d", "--duration", "duration_s", type=float, default=10.0,
+                     show_default=True, help="Measured seconds."),
+        click.option("--warmup", "warmup_s", type=float, default=1.0, show_default=True),
+        click.option("--jwt-secret", "secret", envvar="PORTAO_JWT_SECRET", required=True,
+                     help="The gateway's HS256 secret (or PORTAO_JWT_SECRET), to mint tokens."),
+        click.option("--server-pid", type=int, default=None,
+                     help="Server process to sample (default: whoever listens on the port)."),
+        click.option("--timeout", "timeout_s", type=float, default=10.0, show_default=True),
+        click.option("--json", "json_path", type=click.Path(dir_okay=False, path_type=Path),
+                     default=None, help="Also write the result here."),
+    ]
+    for option in reversed(options):
+        func = option(func)
+    return func
+
+
+def _run(scenario: str, json_path: Path | None, **values: Any) -> None:
+    try:
+        options = loadgen.Options(scenario=scenario, **values)
+        result = loadgen.run(options, _progress)
+    except ValueError as exc:
+        raise click.UsageError(str(exc)) from None
+    if sys.stderr.isatty():
+        click.echo(err=True)
+    click.echo(report.describe(result))
+    if json_path is not None:
+        report.write_json(result, json_path)
+
+
+@click.group()
+def bench() -> None:
+    """Measure a gateway: load scenarios, reference servers, the before/after table."""
+
+
+@bench.command()
+@load_options
+def idle(json_path: Path | None, **values: Any) -> None:
+    """Open N authenticated connections, hold them, ping each once; server memory per conn."""
+    _run("idle", json_path, **values)
+
+
+@bench.command()
+@load_options
+@click.option("--rate", type=float, default=0.0,
+              help="Offered calls/s in total (open loop); 0 runs a closed loop.")
+@click.option("--depth", type=click.IntRange(min=1), default=1, show_default=True,
+              help="Closed loop: calls in flight per connection.")
+@click.option("--route", default="echo", show_default=True)
+@click.option("--payload-bytes", type=click.IntRange(min=0), default=16, show_default=True)
+def rpc(json_path: Path | None, **values: Any) -> None:
+    """Calls: closed loop, or open loop at --rate; calls/s and p50/p99/p99.9."""
+    _run("rpc", json_path, **values)
+
+
+@bench.command()
+@load_options
+@click.option("--rate", type=float, default=20.0, show_default=True,
+              help="Room messages/s sent (0: one at a time, as fast as they are answered).")
+@click.option("--room", default="bench.room", show_default=True)
+def fanout(json_path: Path | None, **values: Any) -> None:
+    """Room broadcast to N members (`sub`, then `chat.say`): deliveries/s and latency."""
+    _run("fanout", json_path, **values)
+
+
+@bench.command()
+@load_options
+def churn(json_path: Path | None, **values: Any) -> None:
+    """N loops of connect → auth → close: connections per second."""
+    _run("churn", json_path, **values)

@@ -1,0 +1,53 @@
+"""What the benchmark reads of the server under test and of the machine.
+
+The server is found by the port it listens on (or given by pid); its resident
+memory, open files and threads are read from /proc through psutil.
+"""
+
+from __future__ import annotations
+
+import os
+import platform
+from typing import Any
+
+import psutil
+
+SHARED_MACHINE_NOTE = (
+    "measured on a shared 2-core machine while other work may run: compare ratios "
+    "taken in the same run rather than absolute figures"
+)
+
+
+def listener_pid(port: int) -> int | None:
+    """The pid of the process listening on TCP `port`, if one is visible."""
+    for conn in psutil.net_connections(kind="tcp"):
+        if conn.status == psutil.CONN_LISTEN and conn.laddr and conn.laddr.port == port:
+            return conn.pid
+    return None
+
+
+def sample(pid: int | None) -> dict[str, int] | None:
+    """Resident bytes, open files and threads of `pid` (None when it is gone)."""
+    if pid is None:
+        return None
+    try:
+        process = psutil.Process(pid)
+        with process.oneshot():
+            return {
+                "rss_bytes": process.memory_info().rss,
+                "fds": process.num_fds(),
+                "threads": process.num_threads(),
+            }
+    except psutil.Error:
+        return None
+
+
+def machine() -> dict[str, Any]:
+    """The machine a figure was taken on, and how busy it was at the start."""
+    return {
+        "cpus": os.cpu_count(),
+        "memory_bytes": psutil.virtual_memory().total,
+        "python": platform.python_version(),
+        "load_avg_1m": round(os.getloadavg()[0], 2),
+        "note": SHARED_MACHINE_NOTE,
+    }
