@@ -253,6 +253,28 @@ async def test_a_deleted_stream_gets_its_group_back(
     assert await shared_raw.get(keys.backlog("job")) == b"0"
 
 
+async def test_a_worker_blocked_on_a_deleted_stream_recovers(
+    private_redis: RedisServer,
+    raw: Redis,
+    open_broker: OpenBroker,
+    make_settings: Callable[..., Settings],
+) -> None:
+    settings = make_settings()
+    broker = open_broker(private_redis.url, settings)
+    await broker.connect()
+    await broker.register_routes(["job"])
+    blocked = asyncio.create_task(fetch_n(broker, "w1", ["job"], 1, within_s=5.0))
+
+    async def is_blocked() -> bool:
+        return bool((await raw.info("clients"))["blocked_clients"])
+
+    await until(is_blocked)
+    await raw.delete(Keys(settings.prefix).queue("job"))  # unblocks the reader: an error
+    sent = make_envelope("job")
+    await broker.publish(sent)
+    assert [d.envelope for d in await blocked] == [sent]
+
+
 async def test_a_wiped_prefix_is_rebuilt_by_the_worker(
     shared_raw: Redis, open_broker: OpenBroker, make_settings: Callable[..., Settings]
 ) -> None:
@@ -321,6 +343,29 @@ async def test_a_killed_workers_entries_are_reclaimed(
     assert sorted(d.envelope.id for d in got) == sorted(e.id for e in sent)
     assert {d.deliveries for d in got} == {2}
     await broker.ack("survivor", got)
+
+
+async def test_an_expired_claim_behind_live_ones_is_found(
+    shared_raw: Redis, open_broker: OpenBroker, make_settings: Callable[..., Settings]
+) -> None:
+    """Reclaim walks the whole pending list, not only its oldest few entries."""
+    settings = make_settings(visibility_timeout_s=0.5)
+    broker = open_broker(SHARED_URL, settings)
+    await broker.connect()
+    await broker.register_routes(["work"])
+    for _ in range(40):
+        await broker.publish(make_envelope("work"))
+    live = await fetch_n(broker, "live", ["work"], 40)
+    orphan = make_envelope("work")
+    await broker.publish(orphan)
+    await fetch_n(broker, "dead", ["work"], 1)
+
+    found = []
+    deadline = time.monotonic() + 6.0
+    while not found and time.monotonic() < deadline:
+        assert await broker.extend("live", live) == []
+        found = await broker.fetch("survivor", ["work"], 1, 0.1)
+    assert [d.envelope for d in found] == [orphan]
 
 
 # -- outages ------------------------------------------------------------------------------

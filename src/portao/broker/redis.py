@@ -78,8 +78,9 @@ BACKOFF_MIN_S = 0.05
 BACKOFF_MAX_S = 2.0
 #: PING period while the link is up (finds a dead or stalled server when idle).
 HEALTH_INTERVAL_S = 1.0
-#: Most commands in one flushed pipeline.
+#: Most commands, and about the most payload bytes, in one flushed pipeline.
 MAX_BATCH = 1000
+MAX_BATCH_BYTES = 1 << 20
 #: Inbox streams are capped (approximately) so a gateway that stopped reading
 #: cannot fill Redis; its heartbeat would have to outlive a very long stall.
 INBOX_MAX_ENTRIES = 100_000
@@ -107,7 +108,7 @@ class StreamEntry:
 
 
 class _NoGroup(Exception):
-    """A blocking read found a stream without its consumer group."""
+    """A blocking read found a stream without its consumer group (or lost it)."""
 
 
 @dataclass(slots=True, eq=False)
@@ -191,6 +192,7 @@ class RedisBroker:
         self._registered: set[str] = set()
         self._turn = 0
         self._next_reclaim = 0.0
+        self._cursors: dict[str, str] = {}  # XAUTOCLAIM position per route
         self._next_trim: dict[str, float] = {}
         self._regroup_delay_s = 0.0
 
@@ -245,10 +247,9 @@ class RedisBroker:
         await asyncio.gather(*tasks, return_exceptions=True)
         while self._outbox:
             _fail(self._outbox.popleft().future, BrokerUnavailable("redis broker closed"))
-        with contextlib.suppress(RedisError, OSError):
-            await pubsub.aclose()
-            await redis.aclose()
-            await redis.connection_pool.disconnect()
+        for close in (pubsub.aclose, redis.aclose, redis.connection_pool.disconnect):
+            with contextlib.suppress(RedisError, OSError):
+                await close()
         log.info("redis %s: closed", self._where)
 
     def is_ready(self) -> bool:
@@ -320,7 +321,7 @@ class RedisBroker:
             async with asyncio.timeout(timeout_s):
                 return await call()
         except ResponseError as exc:
-            if str(exc).startswith("NOGROUP"):
+            if str(exc).startswith(("NOGROUP", "UNBLOCKED")):
                 raise _NoGroup(str(exc)) from None
             raise BrokerUnavailable(f"redis refused: {exc}") from None
         except (RedisError, OSError, TimeoutError) as exc:
@@ -350,15 +351,20 @@ class RedisBroker:
             await self._outbox_event.wait()
             self._outbox_event.clear()
             while self._outbox:
-                batch = [
-                    command
-                    for command in (
-                        self._outbox.popleft() for _ in range(min(MAX_BATCH, len(self._outbox)))
-                    )
-                    if not command.future.done()  # its caller gave up: never sent
-                ]
+                batch = self._take_batch()
                 if batch:
                     await self._flush(batch)
+
+    def _take_batch(self) -> list[_Command]:
+        """The next commands to send; one whose caller gave up is never sent."""
+        batch: list[_Command] = []
+        size = 0
+        while self._outbox and len(batch) < MAX_BATCH and size < MAX_BATCH_BYTES:
+            command = self._outbox.popleft()
+            if not command.future.done():
+                batch.append(command)
+                size += sum(len(arg) for arg in command.args if isinstance(arg, bytes))
+        return batch
 
     async def _flush(self, batch: list[_Command]) -> None:
         """Send a batch as one pipeline; a script the server lost is loaded and rerun."""
@@ -485,11 +491,12 @@ class RedisBroker:
         if now >= self._next_reclaim:
             self._next_reclaim = now + self._reclaim_every_s
             min_idle = self._visibility_ms
-        flat, missing = await self._eval(
+        flat, missing, cursors = await self._eval(
             scripts.FETCH,
             [self._keys.queue(route) for route in routes],
-            [GROUP, consumer, max_count, min_idle],
+            [GROUP, consumer, max_count, min_idle, *(self._cursors.get(r, "0-0") for r in routes)],
         )
+        self._cursors.update(zip(routes, (c.decode() for c in cursors), strict=True))
         if missing:
             await self._regroup([routes[i - 1] for i in missing], deadline)
         else:

@@ -108,16 +108,19 @@ return created
 """,
 )
 
-#: KEYS queues; ARGV group, consumer, max_count, min_idle_ms (0: no reclaim).
-#: Reclaims entries idle past min_idle_ms, then reads new ones, up to max_count.
-#: Returns {flat (key index, id, payload, deliveries)..., key indexes with no group}.
+#: KEYS queues; ARGV group, consumer, max_count, min_idle_ms (0: no reclaim), then
+#: an XAUTOCLAIM cursor per queue. Reclaims entries idle past min_idle_ms, then reads
+#: new ones, up to max_count. Returns {flat (key index, id, payload, deliveries)...,
+#: key indexes with no group, next cursor per queue}. The cursors walk the whole
+#: pending list over successive calls: an expired entry behind many live claims is
+#: found too.
 FETCH = Script(
     "fetch",
     """
 local group, consumer = ARGV[1], ARGV[2]
 local left = tonumber(ARGV[3])
 local min_idle = tonumber(ARGV[4])
-local out, missing, broken = {}, {}, {}
+local out, missing, broken, cursors = {}, {}, {}, {}
 local function add(i, entry, deliveries)
   local payload = ''
   for j = 1, #entry[2], 2 do
@@ -129,14 +132,16 @@ local function add(i, entry, deliveries)
   out[#out + 1] = deliveries
   left = left - 1
 end
-if min_idle > 0 then
-  for i = 1, #KEYS do
-    if left <= 0 then break end
-    local r = redis.pcall('XAUTOCLAIM', KEYS[i], group, consumer, min_idle, '0-0', 'COUNT', left)
+for i = 1, #KEYS do
+  cursors[i] = ARGV[4 + i]
+  if min_idle > 0 and left > 0 then
+    local r = redis.pcall('XAUTOCLAIM', KEYS[i], group, consumer, min_idle, cursors[i],
+                          'COUNT', left)
     if r.err then
       broken[i] = true
       missing[#missing + 1] = i
     else
+      cursors[i] = r[1]
       for _, entry in ipairs(r[2]) do
         local p = redis.call('XPENDING', KEYS[i], group, entry[1], entry[1], 1)
         add(i, entry, p[1][4])
@@ -156,7 +161,7 @@ for i = 1, #KEYS do
     end
   end
 end
-return {out, missing}
+return {out, missing, cursors}
 """,
 )
 
