@@ -4,15 +4,14 @@ Each test gets a vhost of its own, deleted after it. The management plugin is no
 enabled on the shared server, so vhosts are made with `rabbitmqctl eval`, and every
 CLI call starts an Erlang VM (~0.5 s). To keep that off the tests' clock, `VHOSTS`
 makes the next test's vhost in the background while a test runs, and deletes the
-finished tests' vhosts in that same call. The state store is Redis when
-`RedisBroker` exists, else the memory broker.
+finished tests' vhosts in that same call. The state store is a RedisBroker on the
+shared Redis under the test's prefix (its keys removed after).
 """
 
 from __future__ import annotations
 
 import asyncio
 import atexit
-import importlib.util
 import subprocess
 import uuid
 from collections.abc import AsyncIterator
@@ -20,8 +19,9 @@ from contextlib import asynccontextmanager
 
 from portao.broker.amqp import AmqpBroker
 from portao.broker.base import Broker, StateStore
-from portao.broker.memory import MemoryBroker
+from portao.broker.redis import RedisBroker
 from portao.config import Settings
+from tests.broker.backend_redis import SHARED_URL, delete_prefix
 from tests.conftest import AMQP_HOST, AMQP_PORT, REDIS_HOST, REDIS_PORT, require_service
 
 CTL_TIMEOUT_S = 60.0
@@ -119,20 +119,13 @@ def amqp_url(vhost: str, host: str = AMQP_HOST, port: int = AMQP_PORT) -> str:
     return f"amqp://guest:guest@{host}:{port}/{vhost}"
 
 
-def _state_store(settings: Settings) -> StateStore:
-    if importlib.util.find_spec("portao.broker.redis") is None:
-        return MemoryBroker(settings)
-    from portao.broker.redis import RedisBroker
-
-    return RedisBroker(f"redis://{REDIS_HOST}:{REDIS_PORT}/0", settings)
-
-
 @asynccontextmanager
 async def open_backend(settings: Settings) -> AsyncIterator[tuple[Broker, StateStore]]:
     """An AmqpBroker on a fresh vhost, with its state store."""
+    require_service("Redis", REDIS_HOST, REDIS_PORT)
     async with fresh_vhost() as vhost:
         broker = AmqpBroker(amqp_url(vhost), settings)
-        state = _state_store(settings)
+        state = RedisBroker(SHARED_URL, settings)
         await broker.connect()
         await state.connect()
         try:
@@ -140,3 +133,4 @@ async def open_backend(settings: Settings) -> AsyncIterator[tuple[Broker, StateS
         finally:
             await state.aclose()
             await broker.aclose()
+            await delete_prefix(SHARED_URL, settings.prefix)

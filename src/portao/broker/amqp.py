@@ -17,10 +17,17 @@ message on top of the same aiormq calls.
   `BrokerUnavailable`, so nothing unconfirmed is reported as accepted.
 - **Workers** consume with manual acks and `prefetch = worker_concurrency`; `fetch`
   hands out what the broker pushed (`amqp_consumer`). `deliveries` is the quorum
-  queue's `x-delivery-count` + 1. There is no visibility timeout: `extend` returns []
-  while the delivery's channel lives; a dead worker's messages return when its
-  connection closes, a frozen one's when its heartbeat times out (`LinkTimeouts`),
-  and after a reconnect every delivery of the old channel is reported lost.
+  queue's `x-delivery-count` + 1. AMQP has no visibility timeout: the broker takes
+  messages back only when their channel closes. So a dead worker's messages return
+  when its connection closes, a frozen one's when the broker misses its heartbeats
+  (`LinkTimeouts`), and within one process a consumer that let a claim lapse
+  (`visibility_timeout_s` without `extend`) is released: its channel is closed, all
+  it held goes back (`fetch` wakes up to do it). A delivery whose channel closed is
+  lost to its holder: `extend` reports it, `ack` skips its dead tag.
+- **Delivery limit.** `x-delivery-limit = max_attempts`: a worker sees the delivery
+  past its last attempt and dead-letters it, answering the caller; a message whose
+  worker died on that one too is dead-lettered by the broker into `P.spent.<route>`,
+  which workers also consume (reported with `deliveries > max_attempts`).
 - **Dead letters.** `dead_letter` publishes the envelope to `P.dlq.<route>` with its
   error in a header (confirmed), then acks it. `dead_letters` browses that queue with
   `basic.get` on a channel of its own, then closes the channel: the broker puts the
@@ -28,8 +35,11 @@ message on top of the same aiormq calls.
 - **Inboxes** are durable queues expiring `presence_ttl_s` after their gateway
   stopped consuming; replies and `push_conn` go to them by name, user and room pushes
   through the `P.users` / `P.rooms` bindings. Replies and user pushes are persistent;
-  room pushes are not (at-most-once). `heartbeat` has nothing to refresh: the expiry
-  counts from the last consumer.
+  room pushes are not (at-most-once). `heartbeat` renews a local lease: a gateway
+  that stops beating loses its inbox and bindings on its next call, as on the other
+  backends (a dead one's inbox is the server's to expire).
+- **Bounds.** `x-max-length` counts ready messages: unacknowledged ones are bounded
+  apart, by each consumer's prefetch (`amqp_topology`).
 - **Link loss.** `is_ready()` is False while the link reconnects (with backoff and
   jitter); every call then raises `BrokerUnavailable`. On reconnect the broker
   re-declares its exchanges and route queues, re-creates its inboxes with their
@@ -81,8 +91,7 @@ class AmqpBroker:
         self._ttl_s = settings.presence_ttl_s
         self._timeouts = LinkTimeouts.from_settings(settings)
         self._link = AmqpLink(url, self._timeouts, self._restore)
-        self._routes: set[str] = set()  # declared here: re-declared after a reconnect
-        self._known_routes: set[str] = set()  # queues seen to exist
+        self._routes: set[str] = set()  # declared or seen: re-declared after a reconnect
         self._workers: dict[str, Consumer] = {}
         self._inboxes: dict[str, Consumer] = {}
         self._bindings: dict[str, set[tuple[str, str]]] = {}  # gateway -> (exchange, key)
@@ -157,13 +166,12 @@ class AmqpBroker:
             for route in routes:
                 await self._declare_route(connection, route)
                 self._routes.add(route)
-                self._known_routes.add(route)
 
     async def _check_routes(self, routes: Iterable[str]) -> None:
         """`UnknownRoute` unless every route's queue exists (passive declare, cached)."""
         connection = self._link.connection()
         for route in routes:
-            if route in self._known_routes:
+            if route in self._routes:
                 continue
             with translate("checking a route queue"):
                 admin = await self._link.admin(connection)
@@ -171,7 +179,7 @@ class AmqpBroker:
                     await admin.queue_declare(self._topology.route_queue(route), passive=True)
                 except ChannelNotFoundEntity:
                     raise UnknownRoute(f"no worker registered route {route!r}") from None
-            self._known_routes.add(route)
+            self._routes.add(route)
 
     # -- publishing -----------------------------------------------------------------
 
