@@ -52,7 +52,7 @@ import asyncio
 import logging
 import math
 from collections.abc import Iterable, Sequence
-from contextlib import suppress
+from contextlib import AbstractAsyncContextManager, suppress
 from typing import Any, Literal
 
 import aiormq.abc
@@ -118,6 +118,9 @@ class AmqpBroker:
     def is_ready(self) -> bool:
         return self._link.is_up()
 
+    def _operation(self, what: str) -> AbstractAsyncContextManager[None]:
+        return translate(what, self._timeouts.operation_s)
+
     async def _restore(self, connection: aiormq.abc.AbstractConnection) -> None:
         """Run on every (re)connect before the link reports ready."""
         t = self._topology
@@ -162,10 +165,10 @@ class AmqpBroker:
 
     async def register_routes(self, routes: Iterable[str]) -> None:
         connection = self._link.connection()
-        with translate("declaring route queues"):
-            for route in routes:
+        for route in routes:
+            async with self._operation(f"declaring the queues of route {route}"):
                 await self._declare_route(connection, route)
-                self._routes.add(route)
+            self._routes.add(route)
 
     async def _check_routes(self, routes: Iterable[str]) -> None:
         """`UnknownRoute` unless every route's queue exists (passive declare, cached)."""
@@ -173,7 +176,7 @@ class AmqpBroker:
         for route in routes:
             if route in self._routes:
                 continue
-            with translate("checking a route queue"):
+            async with self._operation("checking a route queue"):
                 admin = await self._link.admin(connection)
                 try:
                     await admin.queue_declare(self._topology.route_queue(route), passive=True)
@@ -204,7 +207,7 @@ class AmqpBroker:
         mandatory: bool = True,
     ) -> Outcome:
         """Publish and await the broker's answer; a lost link is `BrokerUnavailable`."""
-        with translate("opening the publishing channel"):
+        async with self._operation("opening the publishing channel"):
             channel = await self._link.publisher()
         try:
             await channel.basic_publish(
@@ -248,7 +251,9 @@ class AmqpBroker:
         t = self._topology
         worker = self._workers.get(consumer)
         if worker is None:
-            worker = Consumer(consumer, self._prefetch, self._link.fail, self._claim_s)
+            worker = Consumer(
+                consumer, self._prefetch, self._link.fail, self._timeouts.operation_s, self._claim_s
+            )
             self._workers[consumer] = worker
         new = [r for r in routes if t.route_queue(r) not in worker.queues]
         if new:
@@ -346,7 +351,7 @@ class AmqpBroker:
         """Browse the dead-letter queue: get up to `limit`, then return them all."""
         connection = self._link.connection()
         out: list[DeadLetter] = []
-        with translate("reading dead letters"):
+        async with self._operation("reading dead letters"):
             channel = await open_channel(connection, confirms=False)
             try:
                 while len(out) < limit:
@@ -372,12 +377,14 @@ class AmqpBroker:
         await self._drop_if_lapsed(gateway_id)
         connection = self._link.connection()
         t = self._topology
-        with translate("declaring an inbox"):
+        async with self._operation("declaring an inbox"):
             await self._declare_queue(connection, t.inbox(gateway_id), t.inbox_args())
         self._renew(gateway_id)
         inbox = self._inboxes.get(gateway_id)
         if inbox is None:
-            inbox = Consumer(f"inbox {gateway_id}", INBOX_PREFETCH, self._link.fail)
+            inbox = Consumer(
+                f"inbox {gateway_id}", INBOX_PREFETCH, self._link.fail, self._timeouts.operation_s
+            )
             self._inboxes[gateway_id] = inbox
             await inbox.add([t.inbox(gateway_id)])
         if not inbox.is_running():
@@ -438,7 +445,7 @@ class AmqpBroker:
         self._leases.pop(gateway_id, None)
         if inbox is not None:
             await inbox.stop()
-        with translate("deleting an inbox"):
+        async with self._operation("deleting an inbox"):
             admin = await self._link.admin(connection)
             await admin.queue_delete(self._topology.inbox(gateway_id))
 
@@ -460,7 +467,7 @@ class AmqpBroker:
         connection = self._link.connection()
         if gateway_id in self._inboxes:
             self._bindings.setdefault(gateway_id, set()).add((exchange, key))
-        with translate("binding an inbox"):
+        async with self._operation("binding an inbox"):
             admin = await self._link.admin(connection)
             try:
                 await admin.queue_bind(self._topology.inbox(gateway_id), exchange, routing_key=key)
@@ -471,7 +478,7 @@ class AmqpBroker:
         await self._drop_if_lapsed(gateway_id)
         connection = self._link.connection()
         self._bindings.get(gateway_id, set()).discard((exchange, key))
-        with translate("unbinding an inbox"):
+        async with self._operation("unbinding an inbox"):
             admin = await self._link.admin(connection)
             with suppress(ChannelNotFoundEntity):
                 inbox = self._topology.inbox(gateway_id)

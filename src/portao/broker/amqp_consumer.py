@@ -69,12 +69,14 @@ class Consumer:
         name: str,
         prefetch: int,
         on_lost: Callable[[str], None],
+        timeout_s: float,
         claim_s: float | None = None,
     ) -> None:
         self.name = name
         self.queues: list[str] = []
         self._prefetch = prefetch
         self._on_lost = on_lost
+        self._timeout_s = timeout_s
         self._claim_s = claim_s
         self._channel: aiormq.abc.AbstractChannel | None = None
         self._consuming: set[str] = set()
@@ -84,7 +86,7 @@ class Consumer:
 
     async def start(self, connection: aiormq.abc.AbstractConnection) -> None:
         """Consume every queue on a fresh channel (first start, or after a reconnect)."""
-        with translate(f"starting consumer {self.name}"):
+        async with translate(f"starting consumer {self.name}", self._timeout_s):
             channel = await open_channel(connection, confirms=False)
             self._channel = channel
             self._consuming = set()
@@ -103,7 +105,7 @@ class Consumer:
         channel = self._channel
         if channel is None or channel.is_closed:
             return
-        with translate(f"consuming for {self.name}"):
+        async with translate(f"consuming for {self.name}", self._timeout_s):
             for queue in queues:
                 await self._consume(channel, queue)
 
@@ -182,7 +184,7 @@ class Consumer:
         for tag in tags:
             self._claims.pop(tag, None)
         frames = ([(up_to, True)] if up_to is not None else []) + [(t, False) for t in singles]
-        with translate(f"acking for {self.name}"):
+        async with translate(f"acking for {self.name}", self._timeout_s):
             for i, (tag, multiple) in enumerate(frames):
                 await channel.basic_ack(tag, multiple=multiple, wait=i == len(frames) - 1)
 
@@ -191,5 +193,5 @@ class Consumer:
         channel, self._channel = self._channel, None
         self._claims = {}
         if channel is not None and not channel.is_closed:
-            with translate(f"stopping consumer {self.name}"):
+            async with translate(f"stopping consumer {self.name}", self._timeout_s):
                 await channel.close()

@@ -16,8 +16,8 @@ from __future__ import annotations
 import asyncio
 import logging
 import random
-from collections.abc import Awaitable, Callable, Iterator
-from contextlib import contextmanager, suppress
+from collections.abc import AsyncIterator, Awaitable, Callable
+from contextlib import asynccontextmanager, suppress
 from dataclasses import dataclass
 from math import ceil
 
@@ -73,11 +73,13 @@ def backoff_s(attempt: int, timeouts: LinkTimeouts) -> float:
     return ceiling * random.uniform(0.5, 1.0)
 
 
-@contextmanager
-def translate(what: str) -> Iterator[None]:
-    """Turn any aiormq or socket failure of `what` into `BrokerUnavailable`."""
+@asynccontextmanager
+async def translate(what: str, timeout_s: float) -> AsyncIterator[None]:
+    """Bound `what` in time; turn its aiormq, socket or timeout errors into
+    `BrokerUnavailable` (a stalled broker must not hang a caller)."""
     try:
-        yield
+        async with asyncio.timeout(timeout_s):
+            yield
     except LINK_ERRORS as exc:
         raise BrokerUnavailable(f"RabbitMQ: {what} failed: {exc!r}") from exc
 
@@ -122,6 +124,8 @@ class AmqpLink:
             parsed = parsed.update_query(heartbeat=timeouts.heartbeat_s)
         self._url = parsed
         self.timeouts = timeouts
+        # Restoring is a few round trips per route and inbox: a generous bound.
+        self._restore_s = 3 * timeouts.operation_s
         self._on_up = on_up
         self._connection: aiormq.abc.AbstractConnection | None = None
         self._up = False
@@ -181,14 +185,13 @@ class AmqpLink:
         """Connect, then run `on_up`; the link is up only once both succeeded."""
         connection = aiormq.Connection(self._url)
         try:
-            with translate(f"connecting to {self.safe_url}"):
-                async with asyncio.timeout(self.timeouts.connect_s):
-                    await connection.connect()
+            async with translate(f"connecting to {self.safe_url}", self.timeouts.connect_s):
+                await connection.connect()
             self._publisher.reset()
             self._admin.reset()
             self._bounce.clear()
             self._connection = connection
-            with translate("restoring queues, bindings and consumers"):
+            async with translate("restoring queues, bindings and consumers", self._restore_s):
                 await self._on_up(connection)
         except BaseException:
             await _close(connection, "set-up failed")
