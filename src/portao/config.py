@@ -1,76 +1,148 @@
 """One settings model for every command.
 
 Sources, in rising precedence: a TOML file (`--config`), `PORTAO_*` environment
-variables, then command-line flags. Secrets may come from files
-(`jwt_secret_file`); their values never appear in `repr`, logs or `config show`.
-Every limit has a finite default (DESIGN.md §4); a bad value raises `ConfigError`
-naming the setting.
+variables, then command-line flags. They are merged first and validated once, so a
+rule that spans settings (`heartbeat_s` < `presence_ttl_s`) sees the final values.
+Secrets may come from files (`jwt_secret_file`); their values, and passwords in
+broker URLs, never appear in `repr`, logs or `config show`. Every limit has a finite
+default (DESIGN.md §4); a bad value raises `ConfigError` naming the setting and
+where the value came from.
 """
 
 from __future__ import annotations
 
+import difflib
 import resource
 import tomllib
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any, Literal
+from urllib.parse import urlsplit, urlunsplit
 
-from pydantic import Field, SecretStr, ValidationError, model_validator
-from pydantic_settings import BaseSettings, SettingsConfigDict
+from pydantic import Field, SecretStr, ValidationError, field_validator, model_validator
+from pydantic_settings import BaseSettings, EnvSettingsSource, SettingsConfigDict
+from pydantic_settings.exceptions import SettingsError
 
 from portao.errors import ConfigError
 
 MIB = 1024 * 1024
+ENV_PREFIX = "PORTAO_"
+MASK = "**********"
+#: Settings that hold URLs which may carry a password.
+_URL_FIELDS = ("broker", "state")
+#: `--admin off` (or "") turns the admin listener off, even where it is on by default.
+ADMIN_OFF = ("off", "")
 
 
 class Settings(BaseSettings):
     """Every setting of gateway, worker and client, with its default."""
 
     model_config = SettingsConfigDict(
-        env_prefix="PORTAO_", extra="forbid", validate_default=True, frozen=True
+        env_prefix=ENV_PREFIX, extra="forbid", validate_default=True, frozen=True
     )
 
     # where
-    listen: list[str] = Field(default_factory=list)
-    broker: str | None = None
-    state: str | None = None
-    prefix: str = Field("portao", pattern=r"^[A-Za-z0-9_.:-]{1,64}$")
-    admin: str | None = None
-    tls_cert: Path | None = None
-    tls_key: Path | None = None
+    listen: list[str] = Field(
+        default_factory=list,
+        description="Listener URLs (repeatable; tcp://, tcp+len://, ws://, tls://, …). "
+        "Environment: a JSON list.",
+    )
+    broker: str | None = Field(
+        None, description="Broker URL: redis://, rediss://, amqp://, amqps:// (memory:// in run)."
+    )
+    state: str | None = Field(
+        None, description="State store URL (redis://) for room members and once-keys with amqp://."
+    )
+    prefix: str = Field(
+        "portao",
+        pattern=r"^[A-Za-z0-9_.:-]{1,64}$",
+        description="Namespace of every key, stream, channel, queue and exchange.",
+    )
+    admin: str | None = Field(
+        None,
+        description="Admin HTTP listener HOST:PORT (/metrics, /healthz, /readyz, chat page); "
+        "'off' disables it. On at 127.0.0.1:7880 in `portao run`.",
+    )
+    processes: int = Field(
+        1, ge=1, le=256, description="Gateway processes sharing the listen ports (SO_REUSEPORT)."
+    )
+    tls_cert: Path | None = Field(None, description="PEM certificate for the TLS listeners.")
+    tls_key: Path | None = Field(None, description="PEM private key for the TLS listeners.")
 
     # auth
-    jwt_secret: SecretStr | None = None
-    jwt_secret_file: Path | None = None
-    jwt_public_key_file: Path | None = None
-    jwt_algorithm: Literal["HS256", "RS256", "ES256"] = "HS256"
+    jwt_secret: SecretStr | None = Field(
+        None, description="HS256 shared secret (environment or file only, never a flag)."
+    )
+    jwt_secret_file: Path | None = Field(None, description="File holding the HS256 secret.")
+    jwt_public_key_file: Path | None = Field(
+        None, description="PEM public key for RS256/ES256 tokens."
+    )
+    jwt_algorithm: Literal["HS256", "RS256", "ES256"] = Field(
+        "HS256", description="Token signature algorithm."
+    )
 
     # connection limits
-    max_frame_bytes: int = Field(65536, ge=64, le=64 * MIB)
-    auth_timeout_s: float = Field(10.0, gt=0)
-    idle_timeout_s: float = Field(0.0, ge=0)
-    call_timeout_s: float = Field(30.0, gt=0)
-    rate_limit_per_s: float = Field(1000.0, gt=0)
-    rate_burst: int = Field(2000, ge=1)
-    max_pending_calls: int = Field(1000, ge=1)
-    max_connections: int = Field(0, ge=0)  # 0: open-file limit - 256
-    outbound_buffer_bytes: int = Field(MIB, ge=1024)
-    drain_timeout_s: float = Field(10.0, ge=0)
+    max_frame_bytes: int = Field(
+        65536, ge=64, le=64 * MIB, description="Largest client message (JSON payload bytes)."
+    )
+    auth_timeout_s: float = Field(
+        10.0, gt=0, description="A connection must authenticate within this."
+    )
+    idle_timeout_s: float = Field(
+        0.0, ge=0, description="Close connections silent this long (0: off)."
+    )
+    call_timeout_s: float = Field(
+        30.0, gt=0, description="A call with no answer by then gets `timeout`."
+    )
+    rate_limit_per_s: float = Field(
+        1000.0, gt=0, description="Token bucket refill per connection (messages/s)."
+    )
+    rate_burst: int = Field(2000, ge=1, description="Token bucket size per connection.")
+    max_pending_calls: int = Field(1000, ge=1, description="Calls in flight per connection.")
+    max_connections: int = Field(
+        0, ge=0, description="Connections per process (0: open-file limit - 256)."
+    )
+    outbound_buffer_bytes: int = Field(
+        MIB, ge=1024, description="Unsent bytes per connection before `slow_consumer`."
+    )
+    drain_timeout_s: float = Field(
+        10.0, ge=0, description="Graceful shutdown: how long calls in flight may finish."
+    )
 
     # workers and queues
-    max_attempts: int = Field(3, ge=1)
-    retry_delay_s: float = Field(0.2, ge=0)
-    visibility_timeout_s: float = Field(5.0, gt=0)
-    handler_timeout_s: float = Field(25.0, gt=0)
-    worker_concurrency: int = Field(100, ge=1)
-    max_queue_length: int = Field(100_000, ge=1)
+    max_attempts: int = Field(3, ge=1, description="Handler attempts before the dead-letter queue.")
+    retry_delay_s: float = Field(0.2, ge=0, description="First retry delay (doubles each time).")
+    visibility_timeout_s: float = Field(
+        5.0, gt=0, description="A dead worker's message moves on after this."
+    )
+    handler_timeout_s: float = Field(25.0, gt=0, description="Longest run of one handler attempt.")
+    worker_concurrency: int = Field(100, ge=1, description="Handlers one worker runs at once.")
+    max_queue_length: int = Field(
+        100_000, ge=1, description="Backlog per route before `overloaded`."
+    )
 
     # presence
-    presence_ttl_s: float = Field(15.0, gt=0)
-    heartbeat_s: float = Field(5.0, gt=0)
+    presence_ttl_s: float = Field(
+        15.0, gt=0, description="A dead gateway's inbox, users and rooms vanish after this."
+    )
+    heartbeat_s: float = Field(
+        5.0, gt=0, description="Gateway liveness refresh period (< presence_ttl_s)."
+    )
 
     # logs
-    log_level: Literal["debug", "info", "warning", "error"] = "info"
-    log_format: Literal["console", "json"] = "console"
+    log_level: Literal["debug", "info", "warning", "error"] = Field(
+        "info", description="Lowest level logged."
+    )
+    log_format: Literal["console", "json"] = Field(
+        "console", description="console (readable) or json (one object per line)."
+    )
+
+    @field_validator("admin")
+    @classmethod
+    def _check_admin(cls, value: str | None) -> str | None:
+        if value is not None and value not in ADMIN_OFF:
+            parse_host_port(value)
+        return value
 
     @model_validator(mode="after")
     def _check(self) -> Settings:
@@ -78,7 +150,17 @@ class Settings(BaseSettings):
             raise ValueError("heartbeat_s must be shorter than presence_ttl_s")
         if (self.tls_cert is None) != (self.tls_key is None):
             raise ValueError("tls_cert and tls_key go together")
+        if self.jwt_secret is not None and self.jwt_secret_file is not None:
+            raise ValueError("jwt_secret and jwt_secret_file: set one, not both")
+        for name in ("jwt_secret_file", "jwt_public_key_file"):
+            path = getattr(self, name)
+            if path is not None and not path.is_file():
+                raise ValueError(f"{name}: {str(path)!r} is not a readable file")
         return self
+
+    def __repr_args__(self) -> Iterator[tuple[str | None, Any]]:
+        for name, value in super().__repr_args__():
+            yield name, (mask_url(value) if name in _URL_FIELDS and value else value)
 
     @property
     def effective_max_connections(self) -> int:
@@ -87,6 +169,13 @@ class Settings(BaseSettings):
             return self.max_connections
         soft, _ = resource.getrlimit(resource.RLIMIT_NOFILE)
         return max(1, soft - 256)
+
+    @property
+    def admin_address(self) -> tuple[str, int] | None:
+        """(host, port) of the admin listener, or None when it is off."""
+        if self.admin is None or self.admin in ADMIN_OFF:
+            return None
+        return parse_host_port(self.admin)
 
     def jwt_key(self) -> str | None:
         """The key that verifies tokens: the shared secret, or the public key file."""
@@ -101,39 +190,97 @@ class Settings(BaseSettings):
         return self.jwt_public_key_file.read_text()
 
     def public_dict(self) -> dict[str, Any]:
-        """The effective settings with secrets masked (for `config show`)."""
+        """The effective settings with secrets and URL passwords masked (`config show`)."""
         out = self.model_dump(mode="json")
-        if self.jwt_secret is not None:
-            out["jwt_secret"] = "**********"
+        for name, value in out.items():
+            if isinstance(getattr(self, name), SecretStr):
+                out[name] = MASK
+            elif name in _URL_FIELDS and value:
+                out[name] = mask_url(value)
         return out
 
 
+def parse_host_port(value: str) -> tuple[str, int]:
+    """`HOST:PORT` (or `[IPv6]:PORT`) into (host, port); `ValueError` says what is wrong."""
+    host, sep, port = value.rpartition(":")
+    host = host.removeprefix("[").removesuffix("]")
+    if not sep or not host or not port.isdigit() or int(port) > 65535:
+        raise ValueError(f"expected HOST:PORT (e.g. 127.0.0.1:7880), got {value!r}")
+    return host, int(port)
+
+
+def mask_url(url: str) -> str:
+    """The URL with its password replaced by the mask."""
+    parts = urlsplit(url)
+    if parts.password is None:
+        return url
+    netloc = f"{parts.username or ''}:{MASK}@{parts.netloc.rpartition('@')[2]}"
+    return urlunsplit(parts._replace(netloc=netloc))
+
+
+def env_name(field: str) -> str:
+    """The environment variable of a setting."""
+    return ENV_PREFIX + field.upper()
+
+
 def load_settings(config_file: Path | None = None, **overrides: Any) -> Settings:
-    """Build settings from a TOML file, the environment and explicit overrides.
+    """Build settings from a TOML file, the environment and explicit overrides (flags).
 
     Overrides whose value is None are ignored, so unset CLI flags fall through.
     """
-    file_values: dict[str, Any] = {}
+    sources: dict[str, str] = {}
+    merged: dict[str, Any] = {}
     if config_file is not None:
-        try:
-            data = tomllib.loads(config_file.read_text())
-        except (OSError, tomllib.TOMLDecodeError) as exc:
-            raise ConfigError(f"config file {config_file}: {exc}") from None
-        file_values = data.get("portao", data)
-    given = {k: v for k, v in overrides.items() if v is not None and v != ()}
+        for key, value in _read_file(config_file).items():
+            merged[key] = value
+            sources[key] = f"config file {config_file}"
     try:
-        # Environment beats the file; flags beat both. Only fields present in the
-        # environment are taken from it, so file values survive where env is silent.
-        from_env = Settings().model_dump(exclude_unset=True)
-        merged = {**file_values, **from_env, **given}
-        return Settings(**merged)
+        from_env = EnvSettingsSource(Settings)()
+    except SettingsError as exc:
+        raise ConfigError(_env_parse_error(exc)) from None
+    for key, value in from_env.items():
+        merged[key] = value
+        sources[key] = f"environment {env_name(key)}"
+    for key, value in overrides.items():
+        if value is not None and value != ():
+            merged[key] = value
+            sources[key] = f"flag --{key.replace('_', '-')}"
+    try:
+        return Settings.model_validate(merged)
     except ValidationError as exc:
-        raise ConfigError(_describe(exc)) from None
+        raise ConfigError(_describe(exc, sources)) from None
 
 
-def _describe(exc: ValidationError) -> str:
+def _read_file(config_file: Path) -> dict[str, Any]:
+    """The settings table of a TOML file (`[portao]`, or the top level)."""
+    try:
+        data = tomllib.loads(config_file.read_text())
+    except (OSError, UnicodeDecodeError, tomllib.TOMLDecodeError) as exc:
+        raise ConfigError(f"config file {config_file}: {exc}") from None
+    table = data.get("portao", data)
+    if not isinstance(table, dict):
+        raise ConfigError(f"config file {config_file}: [portao] must be a table")
+    return {key.replace("-", "_"): value for key, value in table.items()}
+
+
+def _env_parse_error(exc: SettingsError) -> str:
+    for name in Settings.model_fields:
+        if f'"{name}"' in str(exc):
+            return f"invalid setting {name} (from environment {env_name(name)}): not valid JSON"
+    return f"invalid environment: {exc}"
+
+
+def _describe(exc: ValidationError, sources: dict[str, str]) -> str:
     parts = []
     for err in exc.errors():
-        loc = ".".join(str(p) for p in err["loc"]) or "settings"
-        parts.append(f"{loc}: {err['msg']}")
+        name = str(err["loc"][0]) if err["loc"] else ""
+        message = str(err["msg"]).removeprefix("Value error, ")
+        if err["type"] == "extra_forbidden":
+            close = difflib.get_close_matches(name, Settings.model_fields, n=1)
+            hint = f"; did you mean {close[0]!r}?" if close else ""
+            parts.append(f"unknown setting {name!r} (from {sources.get(name, '?')}){hint}")
+        elif name:
+            parts.append(f"{name} (from {sources.get(name, 'its default')}): {message}")
+        else:
+            parts.append(message)
     return "invalid setting " + "; ".join(parts)

@@ -214,7 +214,7 @@ class ClientConnection(asyncio.Protocol):
         """Send `bye` and close; abort if the peer does not take it in time."""
         if self._closing:
             return
-        self._gateway.stats.count_close(code)
+        self._gateway.stats.count_close(code, self.conn_id)
         self._write(wire.encode_bye(code, message))
         self.close()
 
@@ -232,3 +232,9 @@ class ClientConnection(asyncio.Protocol):
     @property
     def is_closing(self) -> bool:
         return self._closing
+
+    @property
+    def buffered_bytes(self) -> int:
+        """Bytes written and not yet taken by the kernel (read by the metrics)."""
+        transport = self._transport
+        return 0 if transport is None else transport.get_write_buffer_size()

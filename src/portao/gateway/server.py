@@ -18,6 +18,7 @@ from collections.abc import Callable, Coroutine, Iterable
 from dataclasses import dataclass, field
 from typing import Any
 
+from portao.admin.histogram import LatencyHistogram
 from portao.broker.base import Broker, Member, StateStore
 from portao.config import Settings
 from portao.envelope import (
@@ -48,7 +49,7 @@ INBOX_WAIT_S = 1.0
 
 @dataclass(slots=True)
 class GatewayStats:
-    """Counters for the metrics endpoint and the tests."""
+    """Counters for the metrics endpoint and the tests (read when scraped)."""
 
     opened: int = 0
     closed: int = 0
@@ -58,10 +59,37 @@ class GatewayStats:
     late_replies: int = 0
     dropped_pushes: int = 0
     publish_failures: int = 0
-    close_reasons: dict[str, int] = field(default_factory=dict)
+    close_reasons: dict[str, int] = field(default_factory=dict)  # closed connections by reason
+    messages_in: dict[tuple[str, str], int] = field(default_factory=dict)  # (op, route)
+    messages_out: dict[tuple[str, str], int] = field(default_factory=dict)  # (op, route)
+    errors: dict[str, int] = field(default_factory=dict)  # errors the gateway sent, by code
+    call_latency: LatencyHistogram = field(default_factory=LatencyHistogram)
+    publish_latency: LatencyHistogram = field(default_factory=LatencyHistogram)
+    inbox_read_at: float = 0.0  # monotonic time the inbox reader last got an answer
+    _close_codes: dict[int, ErrorCode] = field(default_factory=dict)
 
-    def count_close(self, code: ErrorCode) -> None:
-        self.close_reasons[code.value] = self.close_reasons.get(code.value, 0) + 1
+    def count_close(self, code: ErrorCode, conn_id: int) -> None:
+        """A connection is being closed with `bye code` (counted once it is gone)."""
+        self._close_codes[conn_id] = code
+
+    def count_closed(self, conn_id: int, draining: bool) -> str:
+        """Count a connection gone; its reason: a bye code, `shutdown` or `client`."""
+        self.closed += 1
+        code = self._close_codes.pop(conn_id, None)
+        reason = code.value if code is not None else "shutdown" if draining else "client"
+        self.close_reasons[reason] = self.close_reasons.get(reason, 0) + 1
+        return reason
+
+    def count_in(self, op: str, route: str = "") -> None:
+        key = (op, route)
+        self.messages_in[key] = self.messages_in.get(key, 0) + 1
+
+    def count_out(self, op: str, route: str = "") -> None:
+        key = (op, route)
+        self.messages_out[key] = self.messages_out.get(key, 0) + 1
+
+    def count_error(self, code: str) -> None:
+        self.errors[code] = self.errors.get(code, 0) + 1
 
 
 class Gateway:
@@ -159,6 +187,7 @@ class Gateway:
         for call in self.pending.drain():
             left = self.conns.get(call.conn)
             if left is not None:
+                self.stats.count_error(ErrorCode.SHUTDOWN.value)
                 left.send_payload(
                     wire.encode_error(ErrorCode.SHUTDOWN, "drain deadline reached", call.client_id)
                 )
@@ -218,6 +247,7 @@ class Gateway:
         conn.conn_id = self._next_conn
         self.conns[conn.conn_id] = conn
         self.stats.opened += 1
+        log.info("connection open", extra={"gateway": self.id, "conn": conn.conn_id})
         return True
 
     def new_session(self, conn_id: int) -> Session:
@@ -228,9 +258,14 @@ class Gateway:
         if self.conns.pop(conn.conn_id, None) is None:
             return
         self._changed.set()
-        self.stats.closed += 1
+        reason = self.stats.count_closed(conn.conn_id, self._draining)
         self.pending.drop_connection(conn.conn_id)
         session = conn.session
+        log.info(
+            "connection closed",
+            extra={"gateway": self.id, "conn": conn.conn_id, "reason": reason,
+                   "user": session.user if session is not None else None},
+        )
         if session is None or session.user is None:
             return
         user = session.user
@@ -261,17 +296,22 @@ class Gateway:
 
     async def _publish(self, conn: ClientConnection, action: Publish) -> None:
         envelope = action.envelope
+        started = time.monotonic()
         try:
             await self.broker.publish(envelope)
         except BrokerError as exc:
             self.stats.publish_failures += 1
+            self.stats.count_error(exc.code.value)
             # A call already answered `timeout` gets nothing more; anything else is
             # told the broker did not take it (never dropped silently).
             if envelope.kind == "call" and self.pending.pop(envelope.id, conn.conn_id) is None:
                 return
             conn.send_payload(wire.encode_error(exc.code, _broker_message(exc), action.client_id))
         else:
+            self.stats.publish_latency.observe(time.monotonic() - started)
+            self.stats.count_in(envelope.kind, envelope.route)
             if envelope.kind == "send" and action.client_id is not None:
+                self.stats.count_out("ack")
                 conn.send_payload(wire.encode_ack(action.client_id))
         finally:
             conn.in_flight -= 1
@@ -279,6 +319,7 @@ class Gateway:
             self._close_if_drained(conn)
 
     def authenticated(self, conn: ClientConnection, action: Authenticated) -> None:
+        self.stats.count_in("auth")
         user = action.user
         conns = self.users.setdefault(user, set())
         conns.add(conn.conn_id)
@@ -298,6 +339,7 @@ class Gateway:
         conn.send_payload(wire.encode_ok(user, action.client_id))
 
     def join_room(self, conn: ClientConnection, action: JoinRoom) -> None:
+        self.stats.count_in("sub")
         self._spawn(self._join_room(conn, action))
 
     async def _join_room(self, conn: ClientConnection, action: JoinRoom) -> None:
@@ -318,6 +360,7 @@ class Gateway:
         conn.send_payload(wire.encode_ok(session.user, action.client_id))
 
     def leave_room(self, conn: ClientConnection, action: LeaveRoom) -> None:
+        self.stats.count_in("unsub")
         self._spawn(self._leave_room(conn, action))
 
     async def _leave_room(self, conn: ClientConnection, action: LeaveRoom) -> None:
@@ -409,6 +452,7 @@ class Gateway:
                 continue
             backoff = 0.1
             failures = 0
+            self.stats.inbox_read_at = time.monotonic()
             for message in messages:
                 await self._dispatch(message)
 
@@ -417,12 +461,15 @@ class Gateway:
             case Reply(ref=ref, conn=conn_id, data=data):
                 call = self._take_pending(ref, conn_id)
                 if call is not None:
+                    self.stats.count_out("reply")
                     self._deliver(conn_id, wire.encode_reply(call.client_id, data))
             case ErrorReply(ref=ref, conn=conn_id, code=code, message=text):
                 call = self._take_pending(ref, conn_id)
                 if call is not None:
+                    self.stats.count_error(code)
                     self._deliver(conn_id, wire.encode_error(code, text, call.client_id))
             case Push(route=route, data=data, conn=conn_id, user=user, room=room):
+                self.stats.count_out("push", route)
                 payload = wire.encode_push(route, data, room)
                 if conn_id is not None:
                     self._deliver(conn_id, payload)
@@ -459,6 +506,9 @@ class Gateway:
         call = self.pending.pop(ref, conn_id)
         if call is None:
             self.stats.late_replies += 1
+            return None
+        # The call started at its deadline less the call timeout (no clock kept per call).
+        self.stats.call_latency.observe(time.time() - call.deadline + self.settings.call_timeout_s)
         return call
 
     def _deliver(self, conn_id: int, payload: bytes) -> None:
@@ -477,6 +527,7 @@ class Gateway:
             await asyncio.sleep(DEADLINE_TICK_S)
             for call in self.pending.expire(time.time()):
                 self.stats.timeouts += 1
+                self.stats.count_error(ErrorCode.TIMEOUT.value)
                 self._deliver(
                     call.conn,
                     wire.encode_error(

@@ -16,10 +16,11 @@ import logging
 import os
 import socket
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import msgspec
 
+from portao.admin.histogram import LatencyHistogram
 from portao.broker.base import Broker, Delivery, StateStore
 from portao.config import Settings
 from portao.envelope import Envelope, ErrorReply, Reply
@@ -46,6 +47,7 @@ class WorkerStats:
     expired_skipped: int = 0  # call not started: its deadline had passed
     lost_claims: int = 0  # result dropped: another worker reclaimed the message
     late: int = 0  # call answered after its deadline (the gateway drops it)
+    handler_latency: LatencyHistogram = field(default_factory=LatencyHistogram)  # every attempt
 
 
 @dataclass(eq=False, slots=True)
@@ -303,6 +305,7 @@ class Worker:
         handler = self.app.routes[env.route]
         ctx = Context(env, attempt, self.broker, self.state)
         limit = self.settings.handler_timeout_s
+        started = time.monotonic()
         try:
             async with asyncio.timeout(limit) as scope:
                 result = await handler(ctx, msgspec.json.decode(env.data))
@@ -310,6 +313,8 @@ class Worker:
             if scope.expired():
                 raise TimeoutError(f"handler timed out after {limit:g} s") from None
             raise
+        finally:
+            self.stats.handler_latency.observe(time.monotonic() - started)
         return encode_json(result) if env.kind == "call" else None
 
     async def _give_up(self, job: _Job, attempts: int, error: str) -> None:

@@ -1,0 +1,1 @@
+"""The admin HTTP listener: Prometheus metrics, health and readiness, the chat page."""
