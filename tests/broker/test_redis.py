@@ -368,6 +368,31 @@ async def test_an_expired_claim_behind_live_ones_is_found(
     assert [d.envelope for d in found] == [orphan]
 
 
+async def test_a_blocking_read_gives_back_what_exceeds_max_count(
+    shared_raw: Redis, open_broker: OpenBroker, make_settings: Callable[..., Settings]
+) -> None:
+    """Entries that arrived on several routes at once: the surplus goes back undelivered.
+
+    Only a race between the non-blocking sweep and the blocking read brings this
+    about, so the test calls the blocking read itself.
+    """
+    settings = make_settings(visibility_timeout_s=0.5)
+    broker = open_broker(SHARED_URL, settings)
+    await broker.connect()
+    await broker.register_routes(["a", "b"])
+    sent = [make_envelope("a"), make_envelope("b")]
+    for envelope in sent:
+        await broker.publish(envelope)
+    deadline = asyncio.get_running_loop().time() + 1.0
+    [taken] = await broker._block("w1", ["a", "b"], 1, 0.1, deadline)
+
+    [back] = await fetch_n(broker, "w2", ["a", "b"], 1)
+    assert {taken.envelope.id, back.envelope.id} == {e.id for e in sent}
+    assert back.deliveries == 1
+    await broker.ack("w1", [taken])
+    await broker.ack("w2", [back])
+
+
 # -- outages ------------------------------------------------------------------------------
 
 

@@ -170,7 +170,7 @@ class RedisBroker:
         self._options = options
         self._keys = Keys(settings.prefix)
         self._visibility_ms = max(1, round(settings.visibility_timeout_s * 1000))
-        self._reclaim_every_s = min(settings.visibility_timeout_s / 2, MAX_BLOCK_S)
+        self._reclaim_every_s = min(max(settings.visibility_timeout_s / 2, 0.05), MAX_BLOCK_S)
         self._ttl_ms = max(1, round(settings.presence_ttl_s * 1000))
         self._max_queue = settings.max_queue_length
 
