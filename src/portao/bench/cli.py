@@ -100,3 +100,41 @@ def fanout(json_path: Path | None, **values: Any) -> None:
 def churn(json_path: Path | None, **values: Any) -> None:
     """N loops of connect → auth → close: connections per second."""
     _run("churn", json_path, **values)
+
+
+def _host_port(url: str) -> tuple[str, int]:
+    try:
+        return loadgen.parse_target(url)
+    except ValueError as exc:
+        raise click.UsageError(str(exc)) from None
+
+
+@bench.command()
+@click.argument("app", default="portao.demo:app")
+@click.option("--listen", default="tcp://127.0.0.1:7978", show_default=True)
+@click.option("--jwt-secret", "secret", envvar="PORTAO_JWT_SECRET", required=True,
+              help="HS256 secret (or PORTAO_JWT_SECRET).")
+def baseline(app: str, listen: str, secret: str) -> None:
+    """The "before" server: thread per client, handlers on the socket thread."""
+    from portao.bench.baseline import main
+    from portao.runtime import raise_open_file_limit
+    from portao.session.auth import TokenVerifier
+    from portao.worker.app import load_app
+
+    raise_open_file_limit()
+    host, port = _host_port(listen)
+    click.echo(f"baseline (thread per client) listening on {listen}", err=True)
+    main(host, port, TokenVerifier("HS256", secret), load_app(app))
+
+
+@bench.command()
+@click.option("--listen", default="tcp://127.0.0.1:7977", show_default=True)
+def bare(listen: str) -> None:
+    """The bare uvloop echo server that "% of bare uvloop" is measured against."""
+    from portao.bench.bare import main
+    from portao.runtime import raise_open_file_limit
+
+    raise_open_file_limit()
+    host, port = _host_port(listen)
+    click.echo(f"bare uvloop echo listening on {listen}", err=True)
+    main(host, port)

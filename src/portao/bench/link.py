@@ -61,7 +61,9 @@ class Sink(Protocol):
 class Link(asyncio.Protocol):
     """One client connection of the load generator."""
 
-    __slots__ = ("_codec", "_next_id", "_sink", "_transport", "_waiter", "closed", "pending")
+    __slots__ = (
+        "_codec", "_next_id", "_out", "_sink", "_transport", "_waiter", "closed", "pending"
+    )
 
     def __init__(self, sink: Sink) -> None:
         self._sink = sink
@@ -69,6 +71,7 @@ class Link(asyncio.Protocol):
         self._transport: asyncio.Transport | None = None
         self._waiter: asyncio.Future[Answer] | None = None
         self._next_id = 0
+        self._out: list[bytes] | None = None  # calls made while answers are being read
         self.pending: dict[int, float] = {}
         self.closed = False
 
@@ -79,6 +82,7 @@ class Link(asyncio.Protocol):
         self._codec.receive_data(data)
         now = time.time()
         sink = self._sink
+        self._out = out = []
         for event in self._codec.events_received():
             if not isinstance(event, Frame):
                 continue
@@ -99,6 +103,9 @@ class Link(asyncio.Protocol):
                 sink.lost(self, answer.code)
             else:  # ok, pong, ack, errors without a call id
                 self._settle(answer)
+        self._out = None
+        if out:
+            self.write(b"".join(out))
 
     def connection_lost(self, exc: Exception | None) -> None:
         if not self.closed:
@@ -122,7 +129,11 @@ class Link(asyncio.Protocol):
         """Send a call; its latency counts from `started` (the intended send time)."""
         self._next_id += 1
         self.pending[self._next_id] = started
-        self.write(b'{"op":"call","id":%d,"route":"%s","data":%s}\n' % (self._next_id, route, data))
+        request = b'{"op":"call","id":%d,"route":"%s","data":%s}\n' % (self._next_id, route, data)
+        if self._out is not None:
+            self._out.append(request)  # written once, after the whole read is handled
+        else:
+            self.write(request)
 
     def write(self, payload: bytes) -> None:
         transport = self._transport
