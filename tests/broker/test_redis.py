@@ -492,7 +492,7 @@ async def test_rediss_url_speaks_tls(
     await broker.connect()
     try:
         assert not broker.is_ready()
-        assert broker._redis.connection_pool.connection_class is SSLConnection
+        assert broker._link.client.connection_pool.connection_class is SSLConnection
         with pytest.raises(BrokerUnavailable):
             await broker.publish(make_envelope("any"))
     finally:

@@ -1,6 +1,7 @@
 """The Redis Streams backend (`redis://`, `rediss://`): `Broker` and `StateStore` in one.
 
-Data (key names in `redis_keys`, the atomic operations in `redis_scripts`):
+Data (key names in `redis_keys`, the atomic operations in `redis_scripts`, the
+connection, timeouts and command batching in `redis_link`):
 
 - a route is a stream read through one consumer group; each worker is a consumer.
   A counter next to the stream holds its backlog (undelivered + pending): publish
@@ -9,18 +10,12 @@ Data (key names in `redis_keys`, the atomic operations in `redis_scripts`):
   at most once a second per route, piggybacked on acks;
 - fetch reclaims entries idle past `visibility_timeout_s` (XAUTOCLAIM) and reads
   new ones in one script, then blocks on XREADGROUP; extend, ack and dead_letter
-  act only on entries the consumer still holds (same owner, same delivery count);
-- a gateway's inbox is a stream that expires with its liveness key; user bindings
-  and room members are zsets of `member -> expiry` that the heartbeat refreshes
-  through a per-gateway index. Room pushes are pub/sub: at-most-once.
-
-Link: every short command goes through one flusher that sends what an event-loop
-turn queued as one pipeline (no round trip per publish or reply). Blocking reads
-hold their own pooled connections and block at most `MAX_BLOCK_S`. Every command
-has a timeout (the URL's `socket_timeout`, default `DEFAULT_TIMEOUT_S`). A failure
-marks the link down: calls fail fast with `BrokerUnavailable` until a PING, retried
-with exponential backoff and jitter, succeeds. Nothing is retried blindly: a write
-whose answer was lost may have happened, so the caller decides.
+  act only on entries the consumer still holds (same owner, same delivery count).
+  A vanished group (Redis lost its data) is recreated, with backoff;
+- a gateway's inbox is a stream that expires with its liveness key, read by a
+  background task into a bounded buffer; user bindings and room members are zsets
+  of `member -> expiry` that the heartbeat refreshes through a per-gateway index.
+  Room pushes are pub/sub, at-most-once: one subscription per room per process.
 """
 
 from __future__ import annotations
@@ -28,19 +23,10 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-import random
 from collections import deque
-from collections.abc import Awaitable, Callable, Iterable, Sequence
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
-from functools import partial
-from typing import Any, TypeVar
-from urllib.parse import urlsplit
-
-from redis.asyncio import Redis
-from redis.asyncio.connection import ConnectionPool, parse_url
-from redis.asyncio.retry import Retry
-from redis.backoff import NoBackoff
-from redis.exceptions import NoScriptError, RedisError, ResponseError
+from typing import Any
 
 from portao.broker import redis_scripts as scripts
 from portao.broker.base import DeadLetter, Delivery, Member
@@ -52,35 +38,20 @@ from portao.broker.redis_keys import (
     Keys,
     index_entry,
 )
-from portao.broker.redis_scripts import Script
+from portao.broker.redis_link import (
+    BACKOFF_MAX_S,
+    BACKOFF_MIN_S,
+    MAX_BLOCK_S,
+    NoGroup,
+    RedisLink,
+    jitter,
+)
 from portao.config import Settings
 from portao.envelope import Envelope, InboxMessage, decode_envelope, decode_inbox, encode
-from portao.errors import (
-    BrokerError,
-    BrokerUnavailable,
-    ConfigError,
-    EnvelopeError,
-    QueueFull,
-    UnknownRoute,
-)
+from portao.errors import BrokerError, BrokerUnavailable, EnvelopeError, QueueFull, UnknownRoute
 
 log = logging.getLogger("portao.broker")
 
-T = TypeVar("T")
-
-#: Command timeout and connect timeout unless the URL sets `socket_timeout` /
-#: `socket_connect_timeout`: a stalled server answers `unavailable` this fast.
-DEFAULT_TIMEOUT_S = 2.0
-#: Longest BLOCK of a blocking read; the read's timeout is this plus the command's.
-MAX_BLOCK_S = 1.0
-#: Reconnect backoff: doubles from MIN to MAX, each wait drawn from [50 %, 100 %].
-BACKOFF_MIN_S = 0.05
-BACKOFF_MAX_S = 2.0
-#: PING period while the link is up (finds a dead or stalled server when idle).
-HEALTH_INTERVAL_S = 1.0
-#: Most commands, and about the most payload bytes, in one flushed pipeline.
-MAX_BATCH = 1000
-MAX_BATCH_BYTES = 1 << 20
 #: Inbox streams are capped (approximately) so a gateway that stopped reading
 #: cannot fill Redis; its heartbeat would have to outlive a very long stall.
 INBOX_MAX_ENTRIES = 100_000
@@ -95,8 +66,6 @@ STALE_CONSUMER_MS = 3_600_000
 #: Delay before recreating a vanished consumer group again: doubles up to MAX.
 REGROUP_MIN_S = 0.1
 REGROUP_MAX_S = 5.0
-#: Default pool size unless the URL sets `max_connections`.
-MAX_CONNECTIONS = 256
 
 
 @dataclass(frozen=True, slots=True)
@@ -105,19 +74,6 @@ class StreamEntry:
 
     route: str
     entry_id: str
-
-
-class _NoGroup(Exception):
-    """A blocking read found a stream without its consumer group (or lost it)."""
-
-
-@dataclass(slots=True, eq=False)
-class _Command:
-    """One command waiting for the flusher, and the future its caller awaits."""
-
-    args: tuple[Any, ...]
-    script: Script | None
-    future: asyncio.Future[Any]
 
 
 class _Inbox:
@@ -151,42 +107,15 @@ class RedisBroker:
     """`Broker` and `StateStore` on Redis Streams (see the module docstring)."""
 
     def __init__(self, url: str, settings: Settings) -> None:
-        try:
-            options: dict[str, Any] = dict(parse_url(url))
-        except ValueError as exc:
-            raise ConfigError(f"broker: invalid Redis URL: {exc}") from None
-        self._where = _describe(url)
-        self._timeout_s = float(options.pop("socket_timeout", None) or DEFAULT_TIMEOUT_S)
-        options.setdefault("socket_connect_timeout", DEFAULT_TIMEOUT_S)
-        options.setdefault("max_connections", MAX_CONNECTIONS)
-        options.update(
-            # The socket timeout only backs up our own per-command timeouts; it must
-            # outlast the longest blocking read.
-            socket_timeout=self._timeout_s + MAX_BLOCK_S + 1.0,
-            retry=Retry(NoBackoff(), 0),
-            protocol=2,
-            decode_responses=False,
-        )
-        self._options = options
+        self._link = RedisLink(url)
         self._keys = Keys(settings.prefix)
         self._visibility_ms = max(1, round(settings.visibility_timeout_s * 1000))
         self._reclaim_every_s = min(max(settings.visibility_timeout_s / 2, 0.05), MAX_BLOCK_S)
         self._ttl_ms = max(1, round(settings.presence_ttl_s * 1000))
         self._max_queue = settings.max_queue_length
 
-        # Any: redis-py's inline annotations and the types-redis stubs disagree on
-        # most of this API, and its replies are untyped either way.
-        self._redis: Any = None
-        self._pubsub: Any = None
-        self._closed = False
-        self._ready = False
-        self._ready_event = asyncio.Event()
-        self._link_lost = asyncio.Event()
-        self._tasks: list[asyncio.Task[None]] = []
+        self._pubsub: Any = None  # redis-py PubSub, made on first use
         self._listener: asyncio.Task[None] | None = None
-
-        self._outbox: deque[_Command] = deque()
-        self._outbox_event = asyncio.Event()
 
         self._known_routes: set[str] = set()
         self._registered: set[str] = set()
@@ -202,38 +131,19 @@ class RedisBroker:
         self._sub_waiters: dict[str, list[asyncio.Future[None]]] = {}
 
     def __repr__(self) -> str:
-        return f"RedisBroker({self._where}, prefix={self._keys.prefix!r})"
+        return f"RedisBroker({self._link.where}, prefix={self._keys.prefix!r})"
 
     # -- link -----------------------------------------------------------------------
 
     async def connect(self) -> None:
-        """Create the pool and the background tasks; one PING decides readiness now."""
-        if self._redis is not None:
-            return
-        self._closed = False
-        self._ready_event.clear()
-        self._redis = Redis(connection_pool=ConnectionPool(**self._options))
-        self._pubsub = self._redis.pubsub()
-        self._tasks = [
-            asyncio.create_task(self._watch(), name="portao-redis-watch"),
-            asyncio.create_task(self._flush_forever(), name="portao-redis-flush"),
-        ]
-        error = await self._ping()
-        if error is None:
-            self._link_up()
-        else:
-            self._link_down(error)
+        """Open the link; reconnecting in the background is the link's job."""
+        await self._link.open()
 
     async def aclose(self) -> None:
-        """Stop every task, fail queued commands, close the pool."""
-        if self._redis is None:
+        """Stop every task of this object, then close the link."""
+        if not self._link.is_open:
             return
-        redis, pubsub = self._redis, self._pubsub
-        self._redis = self._pubsub = None
-        self._closed = True
-        self._ready = False
-        self._ready_event.set()  # waiters wake and see the link is closed
-        tasks = [*self._tasks, *([self._listener] if self._listener else [])]
+        tasks = [self._listener] if self._listener else []
         for inbox in self._inboxes.values():
             inbox.close()
             if inbox.reader is not None:
@@ -241,178 +151,18 @@ class RedisBroker:
         self._inboxes.clear()
         self._room_holders.clear()
         self._subscribed.clear()
-        self._tasks, self._listener = [], None
+        self._listener = None
         for task in tasks:
             task.cancel()
         await asyncio.gather(*tasks, return_exceptions=True)
-        while self._outbox:
-            _fail(self._outbox.popleft().future, BrokerUnavailable("redis broker closed"))
-        for close in (pubsub.aclose, redis.aclose, redis.connection_pool.disconnect):
-            with contextlib.suppress(RedisError, OSError):
-                await close()
-        log.info("redis %s: closed", self._where)
+        if self._pubsub is not None:
+            with contextlib.suppress(Exception):
+                await self._pubsub.aclose()
+            self._pubsub = None
+        await self._link.aclose()
 
     def is_ready(self) -> bool:
-        return self._ready
-
-    def _check_ready(self) -> None:
-        if self._closed or self._redis is None:
-            raise BrokerUnavailable("redis broker is not connected")
-        if not self._ready:
-            raise BrokerUnavailable(f"redis at {self._where} is unreachable")
-
-    async def _wait_ready(self, deadline: float | None) -> None:
-        """Wait (until the loop time `deadline`, or for ever) for the link to be up."""
-        while True:
-            if self._closed or self._redis is None:
-                raise BrokerUnavailable("redis broker is not connected")
-            if self._ready:
-                return
-            try:
-                async with asyncio.timeout_at(deadline):
-                    await self._ready_event.wait()  # set by link up, and by aclose
-            except TimeoutError:
-                raise BrokerUnavailable(f"redis at {self._where} is unreachable") from None
-
-    def _link_up(self) -> None:
-        if not self._ready and not self._closed:
-            self._ready = True
-            self._ready_event.set()
-            log.info("redis %s: link up, broker ready", self._where)
-
-    def _link_down(self, error: BaseException) -> None:
-        if self._ready:
-            log.warning("redis %s: link down (%s); reconnecting", self._where, _reason(error))
-        self._ready = False
-        self._ready_event.clear()
-        self._link_lost.set()
-
-    async def _ping(self) -> BaseException | None:
-        assert self._redis is not None
-        try:
-            async with asyncio.timeout(self._timeout_s):
-                await self._redis.ping()
-        except (RedisError, OSError, TimeoutError) as exc:
-            return exc
-        return None
-
-    async def _watch(self) -> None:
-        """PING while up; after a failure, PING with backoff until the link is back."""
-        delay = BACKOFF_MIN_S
-        while True:
-            if self._ready:
-                with contextlib.suppress(TimeoutError):
-                    async with asyncio.timeout(HEALTH_INTERVAL_S):
-                        await self._link_lost.wait()
-            self._link_lost.clear()
-            error = await self._ping()
-            if error is None:
-                delay = BACKOFF_MIN_S
-                self._link_up()
-                continue
-            self._link_down(error)
-            await asyncio.sleep(_jitter(delay))
-            delay = min(delay * 2, BACKOFF_MAX_S)
-
-    async def _run(self, call: Callable[[], Awaitable[T]], timeout_s: float) -> T:
-        """Run one call on the link with a timeout, translating redis errors."""
-        self._check_ready()
-        try:
-            async with asyncio.timeout(timeout_s):
-                return await call()
-        except ResponseError as exc:
-            if str(exc).startswith(("NOGROUP", "UNBLOCKED")):
-                raise _NoGroup(str(exc)) from None
-            raise BrokerUnavailable(f"redis refused: {exc}") from None
-        except (RedisError, OSError, TimeoutError) as exc:
-            self._link_down(exc)
-            raise BrokerUnavailable(f"redis at {self._where}: {_reason(exc)}") from None
-
-    # -- the command flusher ----------------------------------------------------------
-
-    def _submit(self, *args: Any, script: Script | None = None) -> asyncio.Future[Any]:
-        """Queue a command for the next flush; the future holds its parsed reply."""
-        self._check_ready()
-        future: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
-        self._outbox.append(_Command(args, script, future))
-        self._outbox_event.set()
-        return future
-
-    def _submit_script(
-        self, script: Script, keys: Sequence[str], args: Sequence[Any]
-    ) -> asyncio.Future[Any]:
-        return self._submit("EVALSHA", script.sha, len(keys), *keys, *args, script=script)
-
-    async def _eval(self, script: Script, keys: Sequence[str], args: Sequence[Any]) -> Any:
-        return await self._submit_script(script, keys, args)
-
-    async def _flush_forever(self) -> None:
-        while True:
-            await self._outbox_event.wait()
-            self._outbox_event.clear()
-            while self._outbox:
-                batch = self._take_batch()
-                if batch:
-                    await self._flush(batch)
-
-    def _take_batch(self) -> list[_Command]:
-        """The next commands to send; one whose caller gave up is never sent."""
-        batch: list[_Command] = []
-        size = 0
-        while self._outbox and len(batch) < MAX_BATCH and size < MAX_BATCH_BYTES:
-            command = self._outbox.popleft()
-            if not command.future.done():
-                batch.append(command)
-                size += sum(len(arg) for arg in command.args if isinstance(arg, bytes))
-        return batch
-
-    async def _flush(self, batch: list[_Command]) -> None:
-        """Send a batch as one pipeline; a script the server lost is loaded and rerun."""
-        try:
-            results = await self._pipeline(batch)
-            missing = [i for i, result in enumerate(results) if isinstance(result, NoScriptError)]
-            if missing:
-                # NOSCRIPT: the script did not run, so running it again is safe.
-                await self._load_scripts({batch[i].script for i in missing if batch[i].script})
-                rerun = await self._pipeline([batch[i] for i in missing])
-                for i, result in zip(missing, rerun, strict=True):
-                    results[i] = result
-        except BrokerError as exc:
-            for command in batch:
-                _fail(command.future, exc)
-            return
-        for command, result in zip(batch, results, strict=True):
-            if command.future.done():
-                continue
-            if isinstance(result, Exception):
-                name = command.script.name if command.script else command.args[0]
-                _fail(command.future, BrokerUnavailable(f"redis refused {name}: {result}"))
-            else:
-                command.future.set_result(result)
-
-    async def _pipeline(self, batch: list[_Command]) -> list[Any]:
-        redis = self._redis
-        assert redis is not None
-
-        async def send() -> Any:
-            pipe = redis.pipeline(transaction=False)
-            for command in batch:
-                pipe.execute_command(*command.args)
-            return await pipe.execute(raise_on_error=False)
-
-        results: list[Any] = await self._run(send, self._timeout_s)
-        return results
-
-    async def _load_scripts(self, needed: set[Script | None]) -> None:
-        redis = self._redis
-        assert redis is not None
-
-        async def load(source: str) -> Any:
-            return await redis.script_load(source)
-
-        for script in needed:
-            if script is not None:
-                await self._run(partial(load, script.source), self._timeout_s)
+        return self._link.is_ready()
 
     # -- route registry -----------------------------------------------------------------
 
@@ -424,7 +174,7 @@ class RedisBroker:
         keys = [self._keys.routes]
         for route in routes:
             keys += [self._keys.queue(route), self._keys.backlog(route)]
-        await self._eval(scripts.REGISTER, keys, [GROUP, *routes])
+        await self._link.eval(scripts.REGISTER, keys, [GROUP, *routes])
         self._registered.update(routes)
         self._known_routes.update(routes)
 
@@ -432,7 +182,7 @@ class RedisBroker:
         unknown = [route for route in routes if route not in self._known_routes]
         if not unknown:
             return
-        found = await self._submit("SMISMEMBER", self._keys.routes, *unknown)
+        found = await self._link.submit("SMISMEMBER", self._keys.routes, *unknown)
         for route, is_member in zip(unknown, found, strict=True):
             if not is_member:
                 raise UnknownRoute(f"no worker registered route {route!r}")
@@ -443,7 +193,7 @@ class RedisBroker:
     async def publish(self, envelope: Envelope) -> None:
         """Queue the envelope; batched with every publish of this event-loop turn."""
         route = envelope.route
-        result = await self._eval(
+        result = await self._link.eval(
             scripts.PUBLISH,
             [self._keys.routes, self._keys.queue(route), self._keys.backlog(route)],
             [route, encode(envelope), self._max_queue, 0 if route in self._known_routes else 1],
@@ -460,7 +210,7 @@ class RedisBroker:
         self, consumer: str, routes: Sequence[str], max_count: int, timeout_s: float
     ) -> list[Delivery]:
         """Reclaim expired claims and read new entries; block up to `timeout_s`."""
-        self._check_ready()
+        self._link.check_ready()
         await self._check_routes(routes)
         loop = asyncio.get_running_loop()
         deadline = loop.time() + timeout_s
@@ -471,7 +221,7 @@ class RedisBroker:
         self._turn += 1
         routes = [*routes[start:], *routes[:start]]
         while True:
-            await self._wait_ready(deadline)
+            await self._link.wait_ready(deadline)
             taken = await self._sweep(consumer, routes, max_count, deadline)
             remaining = deadline - loop.time()
             if taken or remaining <= 0:
@@ -491,7 +241,7 @@ class RedisBroker:
         if now >= self._next_reclaim:
             self._next_reclaim = now + self._reclaim_every_s
             min_idle = self._visibility_ms
-        flat, missing, cursors = await self._eval(
+        flat, missing, cursors = await self._link.eval(
             scripts.FETCH,
             [self._keys.queue(route) for route in routes],
             [GROUP, consumer, max_count, min_idle, *(self._cursors.get(r, "0-0") for r in routes)],
@@ -511,18 +261,17 @@ class RedisBroker:
         self, consumer: str, routes: list[str], max_count: int, block_s: float, deadline: float
     ) -> list[Delivery]:
         """XREADGROUP with BLOCK: wakes on the first new entry of any route."""
-        redis = self._redis
-        assert redis is not None
         streams = {self._keys.queue(route): ">" for route in routes}
         by_key = {self._keys.queue(route).encode(): route for route in routes}
+        block_ms = max(1, round(block_s * 1000))
         try:
-            reply = await self._run(
-                lambda: redis.xreadgroup(
-                    GROUP, consumer, streams, count=max_count, block=max(1, round(block_s * 1000))
+            reply = await self._link.run(
+                lambda client: client.xreadgroup(
+                    GROUP, consumer, streams, count=max_count, block=block_ms
                 ),
-                block_s + self._timeout_s,
+                block_s + self._link.timeout_s,
             )
-        except _NoGroup:
+        except NoGroup:
             await self._regroup(routes, deadline)
             return []
         raw = [
@@ -542,7 +291,7 @@ class RedisBroker:
             by_route.setdefault(route, []).append(entry_id)
         await asyncio.gather(
             *(
-                self._submit_script(
+                self._link.submit_script(
                     scripts.RELEASE,
                     [self._keys.queue(route)],
                     [GROUP, consumer, self._visibility_ms + 1000, *ids],
@@ -572,9 +321,9 @@ class RedisBroker:
         self._regroup_delay_s = min(max(delay * 2, REGROUP_MIN_S), REGROUP_MAX_S)
         if delay:
             remaining = deadline - asyncio.get_running_loop().time()
-            await asyncio.sleep(max(0.0, min(_jitter(delay), remaining)))
+            await asyncio.sleep(max(0.0, min(jitter(delay), remaining)))
         wanted = set(routes) | self._registered
-        log.warning("redis %s: consumer group missing; recreating for %s", self._where, wanted)
+        log.warning("redis %s: consumer group missing; recreating for %s", self._link.where, wanted)
         await self.register_routes(wanted)
 
     async def extend(self, consumer: str, deliveries: Sequence[Delivery]) -> list[Delivery]:
@@ -587,7 +336,9 @@ class RedisBroker:
         args: list[Any] = [GROUP, consumer]
         for delivery, entry in held:
             args += [index[entry.route], entry.entry_id, delivery.deliveries]
-        kept = await self._eval(scripts.EXTEND, [self._keys.queue(route) for route in routes], args)
+        kept = await self._link.eval(
+            scripts.EXTEND, [self._keys.queue(route) for route in routes], args
+        )
         return foreign + [d for (d, _), ok in zip(held, kept, strict=True) if not ok]
 
     async def ack(self, consumer: str, deliveries: Sequence[Delivery]) -> None:
@@ -603,21 +354,21 @@ class RedisBroker:
         args: list[Any] = [GROUP, consumer]
         for delivery, entry in held:
             args += [index[entry.route], entry.entry_id, delivery.deliveries]
-        acked = self._submit_script(scripts.ACK, keys, args)
+        acked = self._link.submit_script(scripts.ACK, keys, args)
         now = asyncio.get_running_loop().time()
         trims = []
         for route in routes:
             if now >= self._next_trim.get(route, 0.0):
                 self._next_trim[route] = now + TRIM_INTERVAL_S
                 trims.append(
-                    self._submit_script(
+                    self._link.submit_script(
                         scripts.TRIM, [self._keys.queue(route)], [STALE_CONSUMER_MS]
                     )
                 )
         first, *rest = await asyncio.gather(acked, *trims, return_exceptions=True)
         for failed in rest:
             if isinstance(failed, BaseException):
-                log.info("redis %s: trim skipped: %s", self._where, failed)
+                log.info("redis %s: trim skipped: %s", self._link.where, failed)
         if isinstance(first, BaseException):
             raise first
 
@@ -643,7 +394,7 @@ class RedisBroker:
         payload: bytes,
         error: str,
     ) -> None:
-        await self._eval(
+        await self._link.eval(
             scripts.DEAD_LETTER,
             [self._keys.queue(route), self._keys.backlog(route), self._keys.dead_letters(route)],
             [GROUP, consumer, entry_id, deliveries, payload, error, self._max_queue],
@@ -651,7 +402,7 @@ class RedisBroker:
 
     async def dead_letters(self, route: str, limit: int = 100) -> list[DeadLetter]:
         """Oldest first; an entry that is not an envelope is left out."""
-        entries = await self._submit(
+        entries = await self._link.submit(
             "XRANGE", self._keys.dead_letters(route), "-", "+", "COUNT", max(1, limit)
         )
         out: list[DeadLetter] = []
@@ -680,9 +431,9 @@ class RedisBroker:
 
     async def close_inbox(self, gateway_id: str) -> None:
         """Delete the inbox, liveness and user bindings of this gateway."""
-        self._check_ready()
+        self._link.check_ready()
         await self._forget_inbox(gateway_id, unsubscribe=True)
-        await self._eval(
+        await self._link.eval(
             scripts.DROP_INDEX,
             [
                 self._keys.gateway_users(gateway_id),
@@ -717,7 +468,7 @@ class RedisBroker:
         Redis lost its data): the gateway must `open_inbox` again and rebind.
         """
         inbox = self._inboxes.get(gateway_id)
-        if self._closed or inbox is None:
+        if not self._link.is_open or inbox is None:
             raise BrokerUnavailable(f"the inbox of {gateway_id} is gone; open it again")
         if not inbox.messages:
             inbox.readable.clear()
@@ -740,8 +491,6 @@ class RedisBroker:
         Each read also checks the liveness key: once Redis forgot the gateway, the
         inbox is closed so that `read_inbox` tells the gateway to open it again.
         """
-        redis = self._redis
-        assert redis is not None
         key, alive = self._keys.inbox(gateway_id), self._keys.alive(gateway_id)
         last, trim_to = b"0-0", None
         delay = BACKOFF_MIN_S
@@ -750,8 +499,8 @@ class RedisBroker:
                 inbox.drained.clear()
                 await inbox.drained.wait()
 
-            async def read(trim_to: bytes | None = trim_to, last: bytes = last) -> Any:
-                pipe = redis.pipeline(transaction=False)
+            async def read(client: Any, trim_to: bytes | None = trim_to, last: bytes = last) -> Any:
+                pipe = client.pipeline(transaction=False)
                 if trim_to is not None:
                     pipe.xtrim(key, minid=_next_id(trim_to), approximate=False)
                 pipe.exists(alive)
@@ -759,11 +508,11 @@ class RedisBroker:
                 return await pipe.execute()
 
             try:
-                await self._wait_ready(None)
-                *_, is_alive, reply = await self._run(read, MAX_BLOCK_S + self._timeout_s)
+                await self._link.wait_ready(None)
+                *_, is_alive, reply = await self._link.run(read, MAX_BLOCK_S + self._link.timeout_s)
             except BrokerError as exc:
-                log.debug("redis %s: inbox read failed: %s", self._where, exc)
-                await asyncio.sleep(_jitter(delay))
+                log.debug("redis %s: inbox read failed: %s", self._link.where, exc)
+                await asyncio.sleep(jitter(delay))
                 delay = min(delay * 2, BACKOFF_MAX_S)
                 continue
             delay = BACKOFF_MIN_S
@@ -778,19 +527,21 @@ class RedisBroker:
                         log.warning("inbox %s: dropped entry %s: %s", gateway_id, entry_id, exc)
             inbox.push(messages)
             if not is_alive:
-                log.warning("redis %s: inbox %s was forgotten by Redis", self._where, gateway_id)
+                log.warning(
+                    "redis %s: inbox %s was forgotten by Redis", self._link.where, gateway_id
+                )
                 await self._forget_inbox(gateway_id, unsubscribe=False)
                 return
 
     async def heartbeat(self, gateway_id: str) -> None:
         """Keep the gateway's inbox, bindings and members alive for presence_ttl_s."""
         if not await self._heartbeat(gateway_id) and gateway_id in self._inboxes:
-            log.warning("redis %s: inbox %s had lapsed; reopen it", self._where, gateway_id)
+            log.warning("redis %s: inbox %s had lapsed; reopen it", self._link.where, gateway_id)
             await self._forget_inbox(gateway_id, unsubscribe=False)
 
     async def _heartbeat(self, gateway_id: str) -> bool:
         """True when the gateway was still alive before this beat."""
-        was_alive = await self._eval(
+        was_alive = await self._link.eval(
             scripts.HEARTBEAT,
             [
                 self._keys.alive(gateway_id),
@@ -806,21 +557,21 @@ class RedisBroker:
 
     async def send_to_gateway(self, gateway_id: str, message: InboxMessage) -> None:
         """XADD to a live gateway's inbox; a gone gateway's message is dropped."""
-        await self._eval(
+        await self._link.eval(
             scripts.SEND,
             [self._keys.alive(gateway_id), self._keys.inbox(gateway_id)],
             [encode(message), INBOX_MAX_ENTRIES],
         )
 
     async def send_to_user(self, user: str, message: InboxMessage) -> None:
-        await self._eval(
+        await self._link.eval(
             scripts.SEND_TO_USER,
             [self._keys.user(user)],
             [encode(message), INBOX_MAX_ENTRIES, self._keys.alive_prefix, self._keys.inbox_prefix],
         )
 
     async def bind_user(self, gateway_id: str, user: str) -> None:
-        await self._eval(
+        await self._link.eval(
             scripts.BIND,
             [
                 self._keys.alive(gateway_id),
@@ -831,7 +582,7 @@ class RedisBroker:
         )
 
     async def unbind_user(self, gateway_id: str, user: str) -> None:
-        await self._eval(
+        await self._link.eval(
             scripts.UNBIND,
             [self._keys.user(user), self._keys.gateway_users(gateway_id)],
             [gateway_id, index_entry(user, gateway_id)],
@@ -841,7 +592,7 @@ class RedisBroker:
 
     async def bind_room(self, gateway_id: str, room: str) -> None:
         """Subscribe to the room's channel (once per process) and route it locally."""
-        self._check_ready()
+        self._link.check_ready()
         inbox = self._inboxes.get(gateway_id)
         if inbox is None:
             return  # not open here: nothing could read the pushes
@@ -851,7 +602,7 @@ class RedisBroker:
         inbox.rooms.add(room)
 
     async def unbind_room(self, gateway_id: str, room: str) -> None:
-        self._check_ready()
+        self._link.check_ready()
         inbox = self._inboxes.get(gateway_id)
         if inbox is not None:
             inbox.rooms.discard(room)
@@ -865,21 +616,22 @@ class RedisBroker:
 
     async def publish_room(self, room: str, message: InboxMessage) -> None:
         """PUBLISH on the room's channel: every gateway with members gets it once, or not."""
-        await self._submit("PUBLISH", self._keys.room_channel(room), encode(message))
+        await self._link.submit("PUBLISH", self._keys.room_channel(room), encode(message))
 
     async def _subscribe(self, room: str) -> None:
         """SUBSCRIBE and wait for Redis to confirm, so a publish right after is seen."""
+        if self._pubsub is None:
+            self._pubsub = self._link.client.pubsub()
         pubsub = self._pubsub
-        assert pubsub is not None
         channel = self._keys.room_channel(room)
         confirmed: asyncio.Future[None] = asyncio.get_running_loop().create_future()
         waiters = self._sub_waiters.setdefault(room, [])
         waiters.append(confirmed)
         try:
-            await self._run(lambda: pubsub.subscribe(channel), self._timeout_s)
+            await self._link.run(lambda _: pubsub.subscribe(channel), self._link.timeout_s)
             if self._listener is None or self._listener.done():
                 self._listener = asyncio.create_task(self._listen(), name="portao-redis-rooms")
-            async with asyncio.timeout(self._timeout_s):
+            async with asyncio.timeout(self._link.timeout_s):
                 await confirmed
         except TimeoutError:
             raise BrokerUnavailable(f"redis did not confirm the subscription to {room}") from None
@@ -890,23 +642,24 @@ class RedisBroker:
 
     async def _unsubscribe(self, room: str) -> None:
         pubsub = self._pubsub
-        assert pubsub is not None
         self._subscribed.discard(room)
         channel = self._keys.room_channel(room)
-        await self._run(lambda: pubsub.unsubscribe(channel), self._timeout_s)
+        await self._link.run(lambda _: pubsub.unsubscribe(channel), self._link.timeout_s)
 
     async def _listen(self) -> None:
         """Background: read the pub/sub connection; redis-py resubscribes on reconnect."""
         pubsub = self._pubsub
-        assert pubsub is not None
         delay = BACKOFF_MIN_S
         while True:
             try:
-                await self._wait_ready(None)
-                message = await pubsub.get_message(timeout=MAX_BLOCK_S)
-            except (RedisError, OSError, BrokerError) as exc:
-                log.debug("redis %s: room channel read failed: %s", self._where, exc)
-                await asyncio.sleep(_jitter(delay))
+                await self._link.wait_ready(None)
+                message = await self._link.run(
+                    lambda _: pubsub.get_message(timeout=MAX_BLOCK_S),
+                    MAX_BLOCK_S + self._link.timeout_s,
+                )
+            except BrokerError as exc:
+                log.debug("redis %s: room channel read failed: %s", self._link.where, exc)
+                await asyncio.sleep(jitter(delay))
                 delay = min(delay * 2, BACKOFF_MAX_S)
                 continue
             delay = BACKOFF_MIN_S
@@ -941,7 +694,7 @@ class RedisBroker:
 
     async def room_join(self, room: str, member: Member) -> None:
         """Add a member of a live gateway; it expires with the gateway's liveness."""
-        await self._eval(
+        await self._link.eval(
             scripts.BIND,
             [
                 self._keys.alive(member.gateway),
@@ -952,18 +705,18 @@ class RedisBroker:
         )
 
     async def room_leave(self, room: str, member: Member) -> None:
-        await self._eval(
+        await self._link.eval(
             scripts.UNBIND,
             [self._keys.members(room), self._keys.gateway_members(member.gateway)],
             [_encode_member(member), index_entry(room, _encode_member(member))],
         )
 
     async def room_members(self, room: str) -> list[Member]:
-        encoded = await self._eval(scripts.ROOM_MEMBERS, [self._keys.members(room)], [])
+        encoded = await self._link.eval(scripts.ROOM_MEMBERS, [self._keys.members(room)], [])
         return sorted(_decode_member(raw) for raw in encoded)
 
     async def forget_gateway(self, gateway_id: str) -> None:
-        await self._eval(
+        await self._link.eval(
             scripts.DROP_INDEX,
             [self._keys.gateway_members(gateway_id)],
             [self._keys.members_prefix],
@@ -971,7 +724,7 @@ class RedisBroker:
 
     async def once(self, key: str, ttl_s: float) -> bool:
         """SET NX PX: True for the caller that took the key."""
-        taken = await self._submit(
+        taken = await self._link.submit(
             "SET", self._keys.once(key), b"1", "NX", "PX", max(1, round(ttl_s * 1000))
         )
         return bool(taken)
@@ -1004,23 +757,3 @@ def _next_id(entry_id: bytes) -> bytes:
     """The smallest stream id after `entry_id` (for XTRIM MINID)."""
     ms, _, seq = entry_id.partition(b"-")
     return ms + b"-" + str(int(seq) + 1).encode()
-
-
-def _fail(future: asyncio.Future[Any], error: BrokerError) -> None:
-    if not future.done():
-        future.set_exception(type(error)(*error.args))
-
-
-def _jitter(delay_s: float) -> float:
-    return delay_s * random.uniform(0.5, 1.0)
-
-
-def _reason(error: BaseException) -> str:
-    return str(error) or type(error).__name__
-
-
-def _describe(url: str) -> str:
-    """host:port/db of a Redis URL: what logs may show (never the password)."""
-    parts = urlsplit(url)
-    where = f"{parts.scheme}://{parts.hostname or 'localhost'}:{parts.port or 6379}"
-    return where + (parts.path if parts.path not in ("", "/") else "/0")
