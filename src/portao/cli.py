@@ -8,7 +8,6 @@ environment variables, which beat the `--config` TOML file.
 from __future__ import annotations
 
 import json
-import logging
 import sys
 import time
 import typing
@@ -20,8 +19,9 @@ import click
 import uvloop
 from pydantic import SecretStr
 
-from portao.config import Settings, load_settings
+from portao.config import Settings, env_name, load_settings
 from portao.errors import ConfigError, PortaoError
+from portao.logs import setup_logging
 
 F = typing.TypeVar("F", bound=Callable[..., Any])
 
@@ -60,7 +60,7 @@ def settings_options(func: F) -> F:
             type=kind,
             multiple=multiple,
             default=None,
-            help=f"(setting {name}; default {field.get_default(call_default_factory=True)!r})",
+            help=f"{field.description} (default {field.get_default(call_default_factory=True)!r})",
         )(func)
     return click.option(
         "--config",
@@ -80,17 +80,9 @@ def _settings(config_file: Path | None, flags: dict[str, Any], **fixed: Any) -> 
         raise click.UsageError(str(exc)) from None
 
 
-def _setup_logging(settings: Settings) -> None:
-    logging.basicConfig(
-        level=settings.log_level.upper(),
-        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
-        stream=sys.stderr,
-    )
-
-
-def _run(coro: Any) -> None:
+def _run(coro: Any) -> Any:
     try:
-        uvloop.run(coro)
+        return uvloop.run(coro)
     except PortaoError as exc:
         raise click.ClickException(str(exc)) from None
 
@@ -106,22 +98,31 @@ def main() -> None:
 @settings_options
 def run(app: str, config_file: Path | None, **flags: Any) -> None:
     """Gateway and workers in one process on the memory broker (development)."""
-    from portao.runtime import raise_open_file_limit, serve_embedded
+    from portao.runtime import RUN_ADMIN, raise_open_file_limit, serve_embedded
     from portao.session.auth import generate_secret, mint_token
     from portao.worker.app import load_app
 
     raise_open_file_limit()
     settings = _settings(config_file, flags, broker="memory://")
+    admin_required = settings.admin is not None  # the default address may be busy
+    if settings.admin is None:
+        settings = settings.model_copy(update={"admin": RUN_ADMIN})
     generated = None
     if settings.jwt_key() is None:
         generated = generate_secret()
         settings = settings.model_copy(update={"jwt_secret": SecretStr(generated)})
-    _setup_logging(settings)
+    setup_logging(settings)
     application = load_app(app)
 
-    def banner(gateway: Any) -> None:
+    def banner(gateway: Any, admin: Any) -> None:
         addrs = ", ".join(f"{s.url}" for s in gateway.specs)
         click.echo(f"portao run: app {app} listening on {addrs}", err=True)
+        if admin is not None:
+            host = settings.admin_address[0] if settings.admin_address else "127.0.0.1"
+            click.echo(
+                f"admin (chat page, /metrics, /healthz, /readyz): http://{host}:{admin.port}/",
+                err=True,
+            )
         if generated is not None:
             token = mint_token(generated, "alice", rooms=["*"], ttl_s=86400, now=time.time())
             click.echo("development secret (generated; shown only here):", err=True)
@@ -134,18 +135,29 @@ def run(app: str, config_file: Path | None, **flags: Any) -> None:
             click.echo(token)
         sys.stdout.flush()
 
-    _run(serve_embedded(settings, application, on_ready=banner))
+    _run(serve_embedded(settings, application, admin_required=admin_required, on_ready=banner))
 
 
 @main.command()
 @settings_options
 def gateway(config_file: Path | None, **flags: Any) -> None:
-    """A gateway process on a real broker (--broker redis://… or amqp://…)."""
+    """A gateway process on a real broker (--broker redis://… or amqp://…).
+
+    With --processes N, a parent runs N gateway processes sharing the ports.
+    """
     from portao.runtime import raise_open_file_limit, serve_gateway
 
-    raise_open_file_limit()
     settings = _settings(config_file, flags)
-    _setup_logging(settings)
+    setup_logging(settings)
+    if settings.processes > 1:
+        from portao.supervisor import Supervisor
+
+        try:
+            supervisor = Supervisor(settings)
+        except ConfigError as exc:
+            raise click.UsageError(str(exc)) from None
+        sys.exit(_run(supervisor.run()))
+    raise_open_file_limit()
     _run(serve_gateway(settings))
 
 
@@ -158,7 +170,7 @@ def worker(app: str, config_file: Path | None, **flags: Any) -> None:
     from portao.worker.app import load_app
 
     settings = _settings(config_file, flags)
-    _setup_logging(settings)
+    setup_logging(settings)
     _run(serve_worker(settings, load_app(app)))
 
 
@@ -231,6 +243,28 @@ def config_show(config_file: Path | None, **flags: Any) -> None:
     """Print the effective settings as JSON, secrets masked."""
     settings = _settings(config_file, flags)
     click.echo(json.dumps(settings.public_dict(), indent=2, sort_keys=True))
+
+
+@config.command("reference")
+def config_reference() -> None:
+    """Print the Markdown table of every setting (docs/configuration.md holds it)."""
+    click.echo(settings_reference())
+
+
+def settings_reference() -> str:
+    """Every setting as a Markdown table row: name, flag, environment, default, meaning."""
+    rows = [
+        "| setting | flag | environment | default | meaning |",
+        "|---|---|---|---|---|",
+    ]
+    for name, field in Settings.model_fields.items():
+        flag = "—" if name in _NOT_FLAGS else f"`--{name.replace('_', '-')}`"
+        default = field.get_default(call_default_factory=True)
+        shown = "unset" if default is None or default == [] else f"`{default}`"
+        rows.append(
+            f"| `{name}` | {flag} | `{env_name(name)}` | {shown} | {field.description} |"
+        )
+    return "\n".join(rows)
 
 
 if __name__ == "__main__":  # pragma: no cover

@@ -1,7 +1,9 @@
 """Process wiring for the commands: build brokers, gateway and workers, run, stop.
 
 Each `serve_*` coroutine runs until SIGTERM/SIGINT, then shuts down in the
-brief's order and returns normally (exit status 0).
+brief's order and returns normally (exit status 0). With `--admin`, each also
+serves the admin listener (metrics, health, readiness) on its own loop, from
+right after start until the drain has ended: `/readyz` answers 503 while draining.
 """
 
 from __future__ import annotations
@@ -12,6 +14,11 @@ import resource
 import signal
 from collections.abc import Awaitable, Callable
 
+from prometheus_client.aiohttp import make_aiohttp_handler
+from prometheus_client.registry import CollectorRegistry
+
+from portao.admin.metrics import build_registry
+from portao.admin.server import AdminServer, ReadyCheck, build_admin_app
 from portao.broker.base import Broker, StateStore
 from portao.broker.factory import create_broker, create_state
 from portao.broker.memory import MemoryBroker
@@ -26,6 +33,9 @@ log = logging.getLogger("portao")
 
 RUN_LISTEN = ["tcp://127.0.0.1:7878"]
 GATEWAY_LISTEN = ["tcp://0.0.0.0:7878"]
+RUN_ADMIN = "127.0.0.1:7880"
+
+OnReady = Callable[[Gateway, AdminServer | None], Awaitable[None] | None]
 
 
 def raise_open_file_limit() -> None:
@@ -58,31 +68,69 @@ def make_broker(settings: Settings) -> tuple[Broker, StateStore]:
     return broker, create_state(settings.state, settings)
 
 
+async def start_admin(
+    settings: Settings, registry: CollectorRegistry, ready: ReadyCheck, *, required: bool = True
+) -> AdminServer | None:
+    """The admin listener `settings.admin` asks for, started; None when it is off.
+
+    With `required` False (the default address of `portao run`) a busy port only
+    turns the listener off with a warning.
+    """
+    address = settings.admin_address
+    if address is None:
+        return None
+    server = AdminServer(
+        build_admin_app(metrics=make_aiohttp_handler(registry), ready=ready), *address
+    )
+    try:
+        await server.start()
+    except OSError as exc:
+        if required:
+            raise ConfigError(f"admin: cannot listen on {settings.admin}: {exc.strerror}") from None
+        log.warning("admin listener off: cannot listen on %s: %s", settings.admin, exc.strerror)
+        return None
+    return server
+
+
+async def _announce(
+    on_ready: OnReady | None, gateway: Gateway, admin: AdminServer | None
+) -> None:
+    if on_ready is not None:
+        result = on_ready(gateway, admin)
+        if result is not None:
+            await result
+
+
 async def serve_embedded(
     settings: Settings,
     app: App,
     *,
-    on_ready: Callable[[Gateway], Awaitable[None] | None] | None = None,
+    admin_required: bool = True,
+    on_ready: OnReady | None = None,
 ) -> None:
     """`portao run`: gateway and workers in one process on the memory broker."""
     broker = MemoryBroker(settings)
     verifier = TokenVerifier.from_settings(settings)
     gateway = Gateway(settings, broker, broker, verifier, listen=settings.listen or RUN_LISTEN)
     worker = Worker(app, broker, broker, settings)
+    registry = build_registry(gateway=gateway, worker=worker, brokers=[broker])
     stop = stop_event()
+    admin: AdminServer | None = None
     await broker.connect()
     await broker.register_routes(app.routes)
     worker_task = asyncio.create_task(worker.run(), name="embedded-worker")
     try:
         await gateway.start()
-        if on_ready is not None:
-            result = on_ready(gateway)
-            if result is not None:
-                await result
+        admin = await start_admin(
+            settings, registry, _async(gateway.is_ready), required=admin_required
+        )
+        await _announce(on_ready, gateway, admin)
         await stop.wait()
         log.info("shutting down: draining connections")
         await gateway.drain()  # workers keep answering until the drain ends
     finally:
+        if admin is not None:
+            await admin.aclose()
         await worker.stop()
         await worker_task
         await gateway.aclose()
@@ -92,7 +140,7 @@ async def serve_gateway(
     settings: Settings,
     *,
     reuse_port: bool = False,
-    on_ready: Callable[[Gateway], Awaitable[None] | None] | None = None,
+    on_ready: OnReady | None = None,
 ) -> None:
     """`portao gateway`: only connections, forwarding to a real broker."""
     broker, state = make_broker(settings)
@@ -101,17 +149,19 @@ async def serve_gateway(
         settings, broker, state, verifier, listen=settings.listen or GATEWAY_LISTEN,
         reuse_port=reuse_port,
     )
+    registry = build_registry(gateway=gateway, brokers=[broker])
     stop = stop_event()
+    admin: AdminServer | None = None
     try:
         await gateway.start()
-        if on_ready is not None:
-            result = on_ready(gateway)
-            if result is not None:
-                await result
+        admin = await start_admin(settings, registry, _async(gateway.is_ready))
+        await _announce(on_ready, gateway, admin)
         await stop.wait()
         log.info("shutting down: draining connections")
         await gateway.drain()
     finally:
+        if admin is not None:
+            await admin.aclose()
         await gateway.aclose()
 
 
@@ -119,18 +169,34 @@ async def serve_worker(settings: Settings, app: App) -> None:
     """`portao worker`: run the app's handlers against a real broker."""
     broker, state = make_broker(settings)
     worker = Worker(app, broker, state, settings)
+    registry = build_registry(worker=worker, brokers=[broker])
     stop = stop_event()
+    admin: AdminServer | None = None
     await broker.connect()
     if state is not broker:  # type: ignore[comparison-overlap]
         await state.connect()
-    task = asyncio.create_task(worker.run(), name="worker")
     try:
+        admin = await start_admin(
+            settings, registry, _async(lambda: broker.is_ready() and not worker.stopping)
+        )
+        task = asyncio.create_task(worker.run(), name="worker")
         stopped = asyncio.create_task(stop.wait())
         await asyncio.wait({task, stopped}, return_when=asyncio.FIRST_COMPLETED)
         stopped.cancel()
         await worker.stop()
         await task
     finally:
+        if admin is not None:
+            await admin.aclose()
         if state is not broker:  # type: ignore[comparison-overlap]
             await state.aclose()
         await broker.aclose()
+
+
+def _async(check: Callable[[], bool]) -> ReadyCheck:
+    """A readiness check for the admin listener from a plain predicate."""
+
+    async def ready() -> bool:
+        return check()
+
+    return ready
