@@ -3,6 +3,12 @@
 read → feed the codec → hand events to the session → carry out its actions.
 An `asyncio.Protocol` (not a task per connection): no stack, no task, a few
 slotted attributes — measured cheaper per idle connection (docs/benchmarks.md).
+
+A WebSocket codec needs a little more of the shell, kept off the stream path: its
+own bytes (handshake response, pongs, pings, close frame) are written right after
+each call that makes them, its ping timer joins the session's deadlines, a
+`?token=` in the URL is an `auth` before any message, and a close waits for the
+client's close frame (RFC 6455 §7.1.1) before the TCP connection is closed.
 """
 
 from __future__ import annotations
@@ -27,10 +33,12 @@ from portao.session.actions import (
     Publish,
     SendPayload,
 )
+from portao.session.auth import AuthFailure
 from portao.session.lifecycle import Session, State
 from portao.wire import messages as wire
-from portao.wire.events import FrameEvent
+from portao.wire.events import Auth, FrameEvent
 from portao.wire.framing import FrameCodec
+from portao.wire.websocket import WebSocketCodec
 
 if TYPE_CHECKING:
     from portao.gateway.server import Gateway
@@ -45,6 +53,7 @@ class ClientConnection(asyncio.Protocol):
     """Protocol object for one accepted socket."""
 
     __slots__ = (
+        "_accepted_at",
         "_backlog",
         "_closing",
         "_codec",
@@ -53,6 +62,7 @@ class ClientConnection(asyncio.Protocol):
         "_timer",
         "_timer_at",
         "_transport",
+        "_ws",
         "conn_id",
         "in_flight",
         "session",
@@ -60,7 +70,9 @@ class ClientConnection(asyncio.Protocol):
 
     def __init__(self, gateway: Gateway, codec_factory: Callable[[int], FrameCodec]) -> None:
         self._gateway = gateway
-        self._codec = codec_factory(gateway.settings.max_frame_bytes)
+        self._accepted_at = time.time()  # before a TLS handshake: it counts as auth time
+        codec = self._codec = codec_factory(gateway.settings.max_frame_bytes)
+        self._ws = codec if isinstance(codec, WebSocketCodec) else None
         self._transport: asyncio.Transport | None = None
         self._backlog: list[FrameEvent] = []
         self._paused = False
@@ -83,20 +95,44 @@ class ClientConnection(asyncio.Protocol):
         gateway = self._gateway
         if not gateway.admit(self):
             self._closing = True
+            if self._ws is not None:
+                # The bye can only go out after the handshake (see _linger).
+                asyncio.get_running_loop().call_later(CLOSE_GRACE_S, self._transport.abort)
+                return
             self._write(wire.encode_bye(ErrorCode.OVERLOADED, "connection limit reached"))
             transport.close()
             return
-        self.session = gateway.new_session(self.conn_id)
+        self.session = Session(
+            self.conn_id,
+            gateway.id,
+            gateway.limits,
+            gateway.verifier,
+            gateway.pending,
+            self._accepted_at,
+        )
         self._arm_timer()
 
     def data_received(self, data: bytes) -> None:
         if self._closing:
+            if self._ws is not None:
+                self._linger(self._ws, data)
             return
-        self._codec.receive_data(data)
-        self._backlog.extend(self._codec.events_received())
+        codec = self._codec
+        codec.receive_data(data)
+        ws = self._ws
+        if ws is not None:
+            self._flush_codec()
+            token = ws.take_url_token()
+            if token is not None:
+                self._auth_from_url(token)
+        self._backlog.extend(codec.events_received())
         self._process()
+        if ws is not None and ws.is_closed and not self._closing:
+            self.close()  # the client's close frame, echoed: closing handshake done
 
     def eof_received(self) -> bool:
+        if self._ws is not None:
+            self._ws.receive_data(b"")
         self.close()
         return False
 
@@ -173,6 +209,10 @@ class ClientConnection(asyncio.Protocol):
     def _arm_timer(self) -> None:
         session = self.session
         deadline = session.next_deadline() if session is not None else None
+        if self._ws is not None:
+            ping_at = self._ws.next_deadline(time.time())
+            if ping_at is not None and (deadline is None or ping_at < deadline):
+                deadline = ping_at
         if deadline == self._timer_at and self._timer is not None:
             return
         if self._timer is not None:
@@ -188,7 +228,14 @@ class ClientConnection(asyncio.Protocol):
         self._timer = None
         if self.session is None or self._closing:
             return
-        self._execute(self.session.on_deadline(time.time()))
+        now = time.time()
+        self._execute(self.session.on_deadline(now))
+        ws = self._ws
+        if ws is not None and not self._closing:
+            ws.on_deadline(now)  # a ping, or the event that the client went silent
+            self._flush_codec()
+            self._backlog.extend(ws.events_received())
+            self._process()
         if not self._closing:
             self._arm_timer()
 
@@ -216,18 +263,62 @@ class ClientConnection(asyncio.Protocol):
             return
         self._gateway.stats.count_close(code, self.conn_id)
         self._write(wire.encode_bye(code, message))
-        self.close()
+        self._close(code)
 
     def close(self) -> None:
         """Close after flushing what is buffered (bounded by CLOSE_GRACE_S)."""
+        draining = self.session is not None and self.session.state is State.DRAINING
+        self._close(ErrorCode.SHUTDOWN if draining else None)
+
+    def _close(self, code: ErrorCode | None) -> None:
+        """Close; a WebSocket first sends the close frame that goes with `code`."""
         self._closing = True
         transport = self._transport
         if transport is None or transport.is_closing():
             return
         if self.session is not None and self.session.state is not State.CLOSED:
             self.session.mark_closed()
+        loop = asyncio.get_running_loop()
+        loop.call_later(CLOSE_GRACE_S, transport.abort)
+        ws = self._ws
+        if ws is not None:
+            ws.send_close(code)
+            self._flush_codec()
+            if ws.awaits_close_frame:
+                return  # _linger closes TCP when the client's close frame arrives
         transport.close()
-        asyncio.get_running_loop().call_later(CLOSE_GRACE_S, transport.abort)
+
+    # -- WebSocket ------------------------------------------------------------------
+
+    def _flush_codec(self) -> None:
+        """Write the codec's own bytes, in order with the messages written before."""
+        out = self._codec.data_to_send()
+        if out and self._transport is not None:
+            self._transport.write(out)
+
+    def _auth_from_url(self, token: str) -> None:
+        """`?token=`: `ok` at once, or `bye unauthorized` (close 1008), never an error."""
+        session = self.session
+        if session is None:
+            return
+        now = time.time()
+        verdict = self._gateway.verifier.verify(token, now)
+        if isinstance(verdict, AuthFailure):
+            self.close_with(ErrorCode.UNAUTHORIZED, verdict.message)
+        else:
+            self._execute(session.receive_message(Auth(token), now))
+
+    def _linger(self, ws: WebSocketCodec, data: bytes) -> None:
+        """Bytes after we started closing: only the closing handshake matters now."""
+        ws.receive_data(data)
+        ws.events_received()  # dropped: the connection is closing
+        self._flush_codec()
+        if self.session is None and ws.is_open:  # refused past the connection cap
+            self._write(wire.encode_bye(ErrorCode.OVERLOADED, "connection limit reached"))
+            ws.send_close(ErrorCode.OVERLOADED)
+            self._flush_codec()
+        if ws.is_closed and self._transport is not None:
+            self._transport.close()
 
     @property
     def is_closing(self) -> bool:

@@ -194,7 +194,8 @@ class WebSocketCodec:
                 message, self._fragments = bytes(self._fragments), None
                 self._message(message)
         elif opcode is Opcode.BINARY:
-            self._fail(CloseCode.UNSUPPORTED_DATA, "binary messages are not supported")
+            binary = "binary messages are not supported"
+            self._fail(ErrorCode.BAD_FRAME, CloseCode.UNSUPPORTED_DATA, binary)
         # PING is answered by websockets, PONG only proves the peer is there, CLOSE
         # is echoed by websockets (which then wants the TCP connection closed).
 
@@ -203,15 +204,16 @@ class WebSocketCodec:
             try:
                 payload.decode()
             except UnicodeDecodeError:
-                self._fail(CloseCode.INVALID_DATA, "text message is not valid UTF-8")
+                not_utf8 = "text message is not valid UTF-8"
+                self._fail(ErrorCode.BAD_FRAME, CloseCode.INVALID_DATA, not_utf8)
                 return
         self._events.append(Frame(payload))
 
-    def _fail(self, close_code: int, message: str) -> None:
-        """We refuse what the peer sent: close with `close_code`, after the `bye`."""
+    def _fail(self, code: ErrorCode, close_code: int, message: str) -> None:
+        """End the connection without waiting for the peer: `bye`, close frame, TCP close."""
         self._protocol.fail(close_code, message)
         self._hold_close()
-        self._events.append(FrameError(ErrorCode.BAD_FRAME, message, fatal=True))
+        self._events.append(FrameError(code, message, fatal=True))
 
     def _peer_failed(self, exc: Exception) -> None:
         """websockets refused the peer's bytes and queued its close frame."""
@@ -288,9 +290,10 @@ class WebSocketCodec:
         if not self.is_open or self._ping_at is None:
             return
         if self._pong_due is not None and now >= self._pong_due:
-            if not self._heard:
+            if not self._heard:  # presumed dead: its close frame is not waited for
                 silent = f"no answer to a ping in {self._options.ping_timeout_s:g} s"
-                self._events.append(FrameError(ErrorCode.IDLE_TIMEOUT, silent, fatal=True))
+                code = ErrorCode.IDLE_TIMEOUT
+                self._fail(code, close_code_for(code), silent)
                 return
             self._pong_due = None
         if self._pong_due is None and now >= self._ping_at:
