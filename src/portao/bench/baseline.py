@@ -9,13 +9,14 @@ broadcast written to every member's socket by the sender's thread.
 
 from __future__ import annotations
 
+import contextlib
 import signal
 import socket
 import socketserver
 import threading
 import time
 import typing
-from collections.abc import Coroutine
+from collections.abc import Awaitable, Coroutine
 from types import FrameType
 from typing import Any
 
@@ -49,11 +50,9 @@ class _Client:
         self.rooms: set[str] = set()
 
     def send(self, payload: bytes) -> None:
-        with self.lock:
-            try:
-                self.sock.sendall(self.codec.send_frame(payload))
-            except OSError:
-                pass  # the reading thread sees the closed socket and cleans up
+        # A closed socket is seen and cleaned up by the reading thread.
+        with self.lock, contextlib.suppress(OSError):
+            self.sock.sendall(self.codec.send_frame(payload))
 
 
 class _Rooms:
@@ -104,8 +103,9 @@ class _Rooms:
                     del self.members[room]
 
 
-def run_to_end(coro: Coroutine[Any, Any, Any]) -> Any:
+def run_to_end(awaitable: Awaitable[Any]) -> Any:
     """Run a coroutine that never suspends, on this thread."""
+    coro = typing.cast(Coroutine[Any, Any, Any], awaitable)
     try:
         coro.send(None)
     except StopIteration as stop:

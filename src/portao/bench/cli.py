@@ -138,3 +138,54 @@ def bare(listen: str) -> None:
     host, port = _host_port(listen)
     click.echo(f"bare uvloop echo listening on {listen}", err=True)
     main(host, port)
+
+
+def _ints(value: str) -> tuple[int, ...]:
+    try:
+        return tuple(int(v) for v in value.split(",") if v.strip())
+    except ValueError:
+        raise click.BadParameter(f"{value!r}: expected comma-separated integers") from None
+
+
+@bench.command()
+@click.option("--targets", default="bare,baseline,run,redis", show_default=True,
+              help="Which servers to measure (bare, baseline, run, redis).")
+@click.option("--repeats", type=click.IntRange(min=1), default=3, show_default=True)
+@click.option("--idle-connections", type=click.IntRange(min=1), default=10_000,
+              show_default=True)
+@click.option("--rpc-connections", type=click.IntRange(min=1), default=1000, show_default=True)
+@click.option("--rpc-processes", type=click.IntRange(min=1), default=2, show_default=True)
+@click.option("--rpc-depth", type=click.IntRange(min=1), default=1, show_default=True)
+@click.option("-d", "--duration", "duration_s", type=float, default=5.0, show_default=True)
+@click.option("--ramp", default="1000,2000,4000,8000,16000", show_default=True,
+              help="Connection counts of the one-call-per-second ramp.")
+@click.option("--ramp-p99-ms", type=float, default=100.0, show_default=True)
+@click.option("--redis", "redis_url", default="redis://127.0.0.1:6379/0", show_default=True)
+@click.option("--json", "json_path", type=click.Path(dir_okay=False, path_type=Path),
+              default=Path("bench/results/compare.json"), show_default=True)
+@click.option("--plot", "plot_dir", type=click.Path(file_okay=False, path_type=Path),
+              default=None, help="Write latency-vs-load and memory-vs-connections PNGs here.")
+def compare(
+    targets: str, ramp: str, json_path: Path, plot_dir: Path | None, **values: Any
+) -> None:
+    """Baseline vs `portao run` vs gateway+worker over Redis: the before/after table."""
+    from portao.bench import compare as comparison
+    from portao.session.auth import generate_secret
+
+    plan = comparison.Plan(targets=tuple(t.strip() for t in targets.split(",") if t.strip()),
+                           ramp=_ints(ramp), **values)
+    unknown = set(plan.targets) - {"bare", "baseline", "run", "redis"}
+    if unknown:
+        raise click.UsageError(f"unknown targets: {', '.join(sorted(unknown))}")
+    result = comparison.run(plan, generate_secret(), _progress)
+    if sys.stderr.isatty():
+        click.echo(err=True)
+    report.write_json(result, json_path)
+    click.echo(comparison.table(result))
+    if result["skipped"]:
+        click.echo(f"skipped (service not reachable): {', '.join(result['skipped'])}")
+    if plot_dir is not None:
+        from portao.bench import plot
+
+        for path in plot.draw(result, plot_dir):
+            click.echo(f"wrote {path}")

@@ -82,7 +82,7 @@ class Link(asyncio.Protocol):
         self._codec.receive_data(data)
         now = time.time()
         sink = self._sink
-        self._out = out = []
+        self._out = out = list[bytes]()
         for event in self._codec.events_received():
             if not isinstance(event, Frame):
                 continue

@@ -10,7 +10,7 @@ import os
 import platform
 from typing import Any
 
-import psutil
+import psutil  # type: ignore[import-untyped]
 
 SHARED_MACHINE_NOTE = (
     "measured on a shared 2-core machine while other work may run: compare ratios "
@@ -22,7 +22,8 @@ def listener_pid(port: int) -> int | None:
     """The pid of the process listening on TCP `port`, if one is visible."""
     for conn in psutil.net_connections(kind="tcp"):
         if conn.status == psutil.CONN_LISTEN and conn.laddr and conn.laddr.port == port:
-            return conn.pid
+            pid: int | None = conn.pid
+            return pid
     return None
 
 

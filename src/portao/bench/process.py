@@ -23,7 +23,7 @@ TICK_S = 0.5
 
 def child_main(plan: Plan, pipe: Connection) -> None:
     """Entry point of a spawned load-generator process."""
-    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    _, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
     resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
     uvloop.run(_main(plan, pipe))
 

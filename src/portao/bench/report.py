@@ -27,7 +27,7 @@ def table(rows: Sequence[Sequence[object]], header: Sequence[str]) -> str:
 
 def _cell(value: object) -> str:
     if value is None:
-        return "–"
+        return "-"
     if isinstance(value, float):
         return f"{value:,.1f}" if value >= 100 else f"{value:,.3g}"
     if isinstance(value, int):
@@ -85,7 +85,7 @@ def _latency(latency: dict[str, Any]) -> str:
 
 
 def _ms(value: float | None) -> str:
-    return "–" if value is None else f"{value:,.2f} ms"
+    return "-" if value is None else f"{value:,.2f} ms"
 
 
 def _counts(counts: dict[str, int]) -> str:

@@ -170,7 +170,8 @@ class Scenario:
     # -- reporting ----------------------------------------------------------------
 
     def progress(self) -> dict[str, int]:
-        return {"connected": len(self.links), "done": self.done, "errors": sum(self.errors.values())}
+        errors = sum(self.errors.values())
+        return {"connected": len(self.links), "done": self.done, "errors": errors}
 
     def result(self) -> dict[str, Any]:
         return {

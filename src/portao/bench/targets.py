@@ -1,0 +1,146 @@
+"""The servers a comparison runs against, each started fresh as its own processes.
+
+`bare` (uvloop echo), `baseline` (thread per client), `run` (`portao run`, memory
+broker) and `redis` (`portao gateway` + `portao worker` over Redis Streams). A
+target is ready once a real call through it is answered; its `pid` is the
+process holding the connections (the gateway), whose memory the scenarios sample.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+import typing
+import uuid
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+
+from portao.session.auth import mint_token
+
+READY_TIMEOUT_S = 30.0
+STOP_TIMEOUT_S = 15.0
+DEFAULT_REDIS = "redis://127.0.0.1:6379/0"
+
+KINDS = {
+    "bare": "bare uvloop echo",
+    "baseline": "thread per client",
+    "run": "portao run (memory)",
+    "redis": "gateway + worker (Redis)",
+}
+
+
+@dataclass
+class Target:
+    """A started server: where it listens and the processes that make it."""
+
+    kind: str
+    url: str
+    processes: list[subprocess.Popen[bytes]] = field(default_factory=list)
+    logs: list[typing.IO[bytes]] = field(default_factory=list)
+
+    @property
+    def pid(self) -> int:
+        return self.processes[0].pid
+
+    @property
+    def label(self) -> str:
+        return KINDS[self.kind]
+
+
+def _commands(kind: str, url: str, redis_url: str) -> list[list[str]]:
+    python = [sys.executable, "-m"]
+    quiet = ["--log-level", "warning"]
+    match kind:
+        case "bare":
+            return [[*python, "portao.bench", "bare", "--listen", url]]
+        case "baseline":
+            return [[*python, "portao.bench", "baseline", "--listen", url]]
+        case "run":
+            return [[*python, "portao.cli", "run", "--listen", url, *quiet]]
+        case "redis":
+            prefix = ["--broker", redis_url, "--prefix", f"bench{uuid.uuid4().hex[:8]}", *quiet]
+            return [
+                [*python, "portao.cli", "gateway", "--listen", url, *prefix],
+                [*python, "portao.cli", "worker", *prefix],
+            ]
+    raise ValueError(f"unknown target {kind!r} (known: {', '.join(KINDS)})")
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port: int = sock.getsockname()[1]
+        return port
+
+
+@contextlib.contextmanager
+def started(kind: str, secret: str, redis_url: str = DEFAULT_REDIS) -> Iterator[Target]:
+    """Start a target, wait until it answers a call, stop it on exit."""
+    url = f"tcp://127.0.0.1:{free_port()}"
+    env = {**os.environ, "PORTAO_JWT_SECRET": secret}
+    target = Target(kind, url)
+    with contextlib.ExitStack() as stack:
+        stack.callback(stop, target)
+        for command in _commands(kind, url, redis_url):
+            log = stack.enter_context(tempfile.TemporaryFile())
+            target.logs.append(log)
+            target.processes.append(
+                subprocess.Popen(command, env=env, stdin=subprocess.DEVNULL,
+                                 stdout=subprocess.DEVNULL, stderr=log)
+            )
+        wait_answering(target, secret)
+        yield target
+
+
+def stop(target: Target) -> None:
+    for process in target.processes:
+        if process.poll() is None:
+            process.send_signal(signal.SIGTERM)
+    for process in target.processes:
+        try:
+            process.wait(STOP_TIMEOUT_S)
+        except subprocess.TimeoutExpired:
+            process.kill()
+            process.wait()
+
+
+def wait_answering(target: Target, secret: str) -> None:
+    """Until a call through the target is answered (workers registered, broker up)."""
+    host, _, port = target.url.removeprefix("tcp://").rpartition(":")
+    token = mint_token(secret, "probe", ttl_s=600, now=time.time())
+    deadline = time.monotonic() + READY_TIMEOUT_S
+    last = "not started"
+    while time.monotonic() < deadline:
+        for process, log in zip(target.processes, target.logs, strict=True):
+            if process.poll() is not None:
+                log.seek(0)
+                err = log.read().decode(errors="replace")
+                raise RuntimeError(f"{target.kind} exited with {process.returncode}: {err[-800:]}")
+        try:
+            answer = _probe(host, int(port), token)
+            if answer.get("op") == "reply":
+                return
+            last = json.dumps(answer)
+        except OSError as exc:
+            last = str(exc)
+        time.sleep(0.2)
+    raise RuntimeError(f"{target.kind} did not answer a call in {READY_TIMEOUT_S:.0f} s: {last}")
+
+
+def _probe(host: str, port: int, token: str) -> dict[str, object]:
+    with socket.create_connection((host, port), timeout=5) as sock:
+        sock.sendall(b'{"op":"auth","token":"%s"}\n' % token.encode())
+        sock.sendall(b'{"op":"call","id":1,"route":"echo","data":1}\n')
+        reader = sock.makefile("rb")
+        for line in reader:
+            answer: dict[str, object] = json.loads(line)
+            if answer.get("op") in ("reply", "error", "bye"):
+                return answer
+    return {"op": "closed"}
