@@ -9,9 +9,16 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
+import shutil
+import signal
+import socket
+import subprocess
 import time
+import uuid
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager, suppress
+from pathlib import Path
 
 import aiormq
 import pytest
@@ -422,3 +429,135 @@ async def test_a_held_delivery_is_lost_after_the_link_drops(vhost: str, settings
         [again] = await fetch_n(broker, "w", ["held"], 1)
         assert (again.envelope, again.deliveries) == (held.envelope, 2)
         await broker.ack("w", [again])
+
+
+# -- broker restart -------------------------------------------------------------------
+
+
+RABBITMQ_SERVER = "/usr/lib/rabbitmq/bin/rabbitmq-server"
+HAVE_SERVER = os.path.exists(RABBITMQ_SERVER)
+
+
+def _free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port: int = probe.getsockname()[1]
+        return port
+
+
+class OwnNode:
+    """A RabbitMQ node of this test's own on spare ports, killed at the end."""
+
+    def __init__(self, base: Path) -> None:
+        self.port, dist_port = _free_port(), _free_port()
+        self._base = base
+        shutil.copy(Path("/var/lib/rabbitmq/.erlang.cookie"), base / ".erlang.cookie")
+        (base / ".erlang.cookie").chmod(0o400)
+        (base / "rabbitmq.conf").write_text(f"listeners.tcp.local = 127.0.0.1:{self.port}\n")
+        (base / "rabbitmq-env.conf").write_text("")
+        (base / "enabled_plugins").write_text("[].\n")
+        self._env = {
+            **os.environ,
+            "HOME": str(base),
+            "RABBITMQ_NODENAME": f"portao-test-{uuid.uuid4().hex[:8]}@localhost",
+            "RABBITMQ_NODE_PORT": str(self.port),
+            "RABBITMQ_DIST_PORT": str(dist_port),
+            "RABBITMQ_CONFIG_FILE": str(base / "rabbitmq.conf"),
+            "RABBITMQ_CONF_ENV_FILE": str(base / "rabbitmq-env.conf"),
+            "RABBITMQ_ENABLED_PLUGINS_FILE": str(base / "enabled_plugins"),
+            "RABBITMQ_MNESIA_BASE": str(base / "mnesia"),
+            "RABBITMQ_LOG_BASE": str(base / "log"),
+            "RABBITMQ_PID_FILE": str(base / "pid"),
+        }
+        self._process: asyncio.subprocess.Process | None = None
+
+    @property
+    def url(self) -> str:
+        return amqp_url("", port=self.port)
+
+    async def start(self) -> None:
+        """Start the node and wait until it takes AMQP connections."""
+        self._process = await asyncio.create_subprocess_exec(
+            RABBITMQ_SERVER,
+            env=self._env,
+            stdout=subprocess.DEVNULL,  # the node logs under RABBITMQ_LOG_BASE
+            stderr=subprocess.DEVNULL,
+            start_new_session=True,
+        )
+        deadline = time.monotonic() + 90
+        while True:
+            try:
+                async with aiormq.connect(self.url):
+                    return
+            except (ConnectionError, OSError, aiormq.exceptions.AMQPError):
+                assert self._process.returncode is None, "the node exited at start"
+                assert time.monotonic() < deadline, "the node did not start in time"
+                await asyncio.sleep(0.2)
+
+    async def stop(self) -> None:
+        """Stop the node as an operator's restart would (SIGTERM to the VM)."""
+        assert self._process is not None
+        os.kill(self._beam_pid(), signal.SIGTERM)
+        await self._process.wait()  # the start script exits with its VM
+        self._process = None
+
+    def _beam_pid(self) -> int:
+        return int((self._base / "pid").read_text().strip())
+
+    async def kill(self) -> None:
+        """SIGKILL whatever is left of the node (teardown)."""
+        if self._process is None:
+            return
+        with suppress(ProcessLookupError):
+            os.killpg(self._process.pid, signal.SIGKILL)
+        await self._process.wait()
+        self._process = None
+
+
+@pytest.fixture
+async def own_node(tmp_path: Path) -> AsyncIterator[OwnNode]:
+    if not HAVE_SERVER:
+        pytest.skip("no rabbitmq-server to start a node of our own")
+    node = OwnNode(tmp_path)
+    await node.start()
+    try:
+        yield node
+    finally:
+        await node.kill()
+
+
+@amqp
+@pytest.mark.slow
+async def test_a_restarted_broker_comes_back_with_every_confirmed_message(
+    own_node: OwnNode, make_settings: Callable[..., Settings]
+) -> None:
+    settings = make_settings(max_queue_length=1000, presence_ttl_s=30.0, heartbeat_s=5.0)
+    broker = AmqpBroker(own_node.url, settings)
+    await broker.connect()
+    try:
+        await broker.register_routes(["durable"])
+        gateway_id = new_gateway_id()
+        await broker.open_inbox(gateway_id)
+        await broker.bind_user(gateway_id, "alice")
+        sent = [make_envelope("durable") for _ in range(50)]
+        await asyncio.gather(*(broker.publish(e) for e in sent))
+        replies = [Reply(ref=f"m{i}", conn=i, data=b"1") for i in range(5)]
+        for reply in replies:
+            await broker.send_to_gateway(gateway_id, reply)
+
+        await own_node.stop()
+        await wait_until(lambda: not broker.is_ready())
+        with pytest.raises(BrokerUnavailable):
+            await broker.publish(make_envelope("durable"))
+
+        await own_node.start()
+        await wait_until(broker.is_ready, within_s=30)
+        got = await fetch_n(broker, "w", ["durable"], len(sent), within_s=10)
+        assert sorted(d.envelope.id for d in got) == sorted(e.id for e in sent)
+        await broker.ack("w", got)
+        assert await read_n(broker, gateway_id, len(replies)) == replies
+        push = Push("n", b"1", user="alice")
+        await broker.send_to_user("alice", push)
+        assert await read_n(broker, gateway_id, 1) == [push]
+    finally:
+        await broker.aclose()

@@ -134,8 +134,13 @@ class AmqpBroker:
             admin = await self._link.admin(connection)
             for exchange, key in self._bindings.get(gateway_id, ()):
                 await admin.queue_bind(t.inbox(gateway_id), exchange, routing_key=key, nowait=True)
-        for consumer in [*self._inboxes.values(), *self._workers.values()]:
-            await consumer.start(connection)
+        for inbox in self._inboxes.values():
+            await inbox.start(connection)
+        for worker in self._workers.values():
+            try:
+                await worker.start(connection)
+            except BrokerUnavailable as exc:  # its next fetch tries again
+                log.warning("consumer %s not restored: %s", worker.name, exc)
 
     async def _declare_queue(
         self, connection: aiormq.abc.AbstractConnection, name: str, arguments: dict[str, Any]

@@ -18,11 +18,13 @@ from __future__ import annotations
 import asyncio
 import logging
 from collections.abc import Callable, Iterable, Sequence
+from contextlib import suppress
 from dataclasses import dataclass
 
 import aiormq.abc
 
-from portao.broker.amqp_link import open_channel, translate
+from portao.broker.amqp_link import LINK_ERRORS, open_channel, translate
+from portao.errors import BrokerUnavailable
 
 log = logging.getLogger("portao.broker")
 
@@ -79,23 +81,38 @@ class Consumer:
         self._timeout_s = timeout_s
         self._claim_s = claim_s
         self._channel: aiormq.abc.AbstractChannel | None = None
+        self._starting: aiormq.abc.AbstractChannel | None = None
         self._consuming: set[str] = set()
         self._unacked: set[int] = set()
         self._claims: dict[int, float] = {}  # tag -> loop time the claim lapses
         self._buffer: asyncio.Queue[Received] = asyncio.Queue()
 
     async def start(self, connection: aiormq.abc.AbstractConnection) -> None:
-        """Consume every queue on a fresh channel (first start, or after a reconnect)."""
-        async with translate(f"starting consumer {self.name}", self._timeout_s):
+        """Consume every queue on a fresh channel (first start, or after a reconnect).
+
+        The channel counts as this consumer's only once every queue is consumed: a
+        queue that cannot be (a quorum queue with no leader) fails this start with
+        `BrokerUnavailable`, and closing the half-made channel is no link loss.
+        """
+        self._consuming = set()
+        self._unacked = set()
+        self._claims = {}
+        async with translate(f"opening a channel for {self.name}", self._timeout_s):
             channel = await open_channel(connection, confirms=False)
-            self._channel = channel
-            self._consuming = set()
-            self._unacked = set()
-            self._claims = {}
-            channel.closing.add_done_callback(lambda _: self._closed(channel))
-            await channel.basic_qos(prefetch_count=self._prefetch)
-            for queue in list(self.queues):
-                await self._consume(channel, queue)
+        self._starting = channel
+        try:
+            async with translate(f"starting consumer {self.name}", self._timeout_s):
+                await channel.basic_qos(prefetch_count=self._prefetch)
+                for queue in list(self.queues):
+                    await self._consume(channel, queue)
+        except BrokerUnavailable:
+            with suppress(*LINK_ERRORS):
+                await channel.close()
+            raise
+        finally:
+            self._starting = None
+        self._channel = channel
+        channel.closing.add_done_callback(lambda _: self._closed(channel))
 
     async def add(self, queues: Sequence[str]) -> None:
         """Consume more queues; on the live channel now, else at the next `start`."""
@@ -116,7 +133,7 @@ class Consumer:
 
         async def on_message(message: aiormq.abc.DeliveredMessage) -> None:
             tag = message.delivery_tag
-            if tag is None or channel is not self._channel:
+            if tag is None or channel not in (self._channel, self._starting):
                 return
             self._unacked.add(tag)
             self._buffer.put_nowait(Received(queue, message, Handle(channel, tag)))
