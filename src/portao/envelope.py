@@ -113,7 +113,7 @@ InboxMessage = Reply | ErrorReply | Push | Join | Leave
 Wire = Envelope | Reply | ErrorReply | Push | Join | Leave
 
 _encoder = msgspec.msgpack.Encoder()
-_decoder = msgspec.msgpack.Decoder(Wire)  # type: ignore[arg-type]
+_decoder = msgspec.msgpack.Decoder(Wire)
 
 
 def encode(message: Wire) -> bytes:
