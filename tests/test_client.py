@@ -347,7 +347,7 @@ def test_backoff_doubles_caps_and_resets() -> None:
 
 
 @pytest.mark.parametrize(
-    "url", ["ws://127.0.0.1:1", "http://x:1", "tcp://127.0.0.1", "tcp://:80", "nonsense"]
+    "url", ["udp://127.0.0.1:1", "http://x:1", "tcp://127.0.0.1", "tcp://:80", "nonsense"]
 )
 async def test_bad_urls(url: str) -> None:
     with pytest.raises(ValueError, match="URL"):

@@ -1,7 +1,8 @@
 """The asyncio client of wire protocol v1, used by tests, the CLI and applications.
 
-One connection per `Client`, over `tcp://` or `tcp+len://` (or `tls://`, `tls+len://`).
-The client owns one supervisor task: it reads frames through the wire codecs, hands
+One connection per `Client`, over `tcp://`, `tcp+len://`, `ws://H:P/path` or their
+TLS twins (`tls://`, `tls+len://`, `wss://`); WebSocket links use websockets' asyncio
+client. The client owns one supervisor task: it reads frames through its link, hands
 each answer to the request waiting for its `id` (ids are ints counting up), queues
 pushes (bounded: the oldest is dropped and counted when nobody reads them), and
 records the gateway's `bye`. With `reconnect=True` it re-dials after the link drops,
@@ -15,6 +16,7 @@ caller decides whether a retry is safe), and new requests wait for the next link
 
 from __future__ import annotations
 
+import abc
 import asyncio
 import contextlib
 import itertools
@@ -30,6 +32,10 @@ from typing import Any, Final, TextIO
 from urllib.parse import urlsplit
 
 import msgspec
+from websockets.asyncio.client import ClientConnection as WsConnection
+from websockets.asyncio.client import connect as ws_connect
+from websockets.exceptions import ConnectionClosed as WsClosed
+from websockets.exceptions import InvalidHandshake
 
 from portao.errors import ConnectionClosed, ErrorCode, RequestError
 from portao.wire.events import BadMessage, FrameError
@@ -37,6 +43,9 @@ from portao.wire.framing import STREAM_CODECS, FrameCodec
 from portao.wire.messages import decode_server_message
 
 log = logging.getLogger("portao.client")
+# websockets' own logger, held at WARNING: its DEBUG lines would print `auth` frames.
+_ws_log = logging.getLogger("portao.client.websocket")
+_ws_log.setLevel(logging.WARNING)
 
 READ_BYTES: Final = 65536
 #: Bye codes after which re-dialling cannot help: the token is the problem.
@@ -79,8 +88,13 @@ class Backoff:
         self.attempt = 0
 
 
+_WS_SCHEMES: Final = ("ws", "wss")
+SCHEMES: Final = (*STREAM_CODECS, *_WS_SCHEMES)
+
+
 @dataclass(frozen=True, slots=True)
 class _Address:
+    url: str
     host: str
     port: int
     scheme: str
@@ -89,28 +103,67 @@ class _Address:
     @classmethod
     def parse(cls, url: str, ssl_context: ssl.SSLContext | None) -> _Address:
         parts = urlsplit(url)
-        if parts.scheme not in STREAM_CODECS:
-            schemes = ", ".join(f"{s}://" for s in STREAM_CODECS)
+        if parts.scheme not in SCHEMES:
+            schemes = ", ".join(f"{s}://" for s in SCHEMES)
             raise ValueError(f"unsupported URL {url!r}: the client speaks {schemes}")
         if not parts.hostname or parts.port is None:
             raise ValueError(f"URL {url!r} needs a host and a port")
         context = None
-        if parts.scheme.startswith("tls"):
+        if parts.scheme.startswith("tls") or parts.scheme == "wss":
             context = ssl_context or ssl.create_default_context()
-        return cls(parts.hostname, parts.port, parts.scheme, context)
+        return cls(url, parts.hostname, parts.port, parts.scheme, context)
 
 
-class _Link:
-    """One TCP (or TLS) connection with its codec; replaced on every reconnect."""
+class _Link(abc.ABC):
+    """One connection to the gateway, replaced on every reconnect.
+
+    Subclasses carry messages over a byte stream with a codec, or over WebSocket.
+    """
+
+    def __init__(self) -> None:
+        self.is_closed = False
+        self.bye: dict[str, Any] | None = None
+
+    @staticmethod
+    async def open(address: _Address, max_frame_bytes: int, timeout_s: float) -> _Link:
+        """Dial `address`; OSError or TimeoutError when the gateway cannot be reached."""
+        if address.scheme in _WS_SCHEMES:
+            return await _WsLink.open(address, max_frame_bytes, timeout_s)
+        return await _StreamLink.open(address, max_frame_bytes, timeout_s)
+
+    def closed_error(self) -> ConnectionClosed:
+        """What requests on this link fail with once it is gone."""
+        if self.bye is not None:
+            return ConnectionClosed(str(self.bye.get("code")), str(self.bye.get("message", "")))
+        return ConnectionClosed(None, "connection lost")
+
+    @abc.abstractmethod
+    async def send(self, payload: bytes) -> None:
+        """Send one message (a JSON payload); ConnectionClosed once the link is gone."""
+
+    @abc.abstractmethod
+    async def send_raw(self, data: bytes) -> None:
+        """Send bytes as they are: framing included on a stream, one text message on ws."""
+
+    @abc.abstractmethod
+    def payloads(self) -> AsyncIterator[bytes]:
+        """Each message the gateway sends, until the link ends."""
+
+    @abc.abstractmethod
+    async def aclose(self) -> None:
+        """Close the connection (bounded in time)."""
+
+
+class _StreamLink(_Link):
+    """TCP or TLS with a wire codec: newline or length-prefixed JSON."""
 
     def __init__(
         self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter, codec: FrameCodec
     ) -> None:
+        super().__init__()
         self.reader = reader
         self.writer = writer
         self.codec = codec
-        self.is_closed = False
-        self.bye: dict[str, Any] | None = None
 
     @classmethod
     async def open(cls, address: _Address, max_frame_bytes: int, timeout_s: float) -> _Link:
@@ -120,13 +173,10 @@ class _Link:
             )
         return cls(reader, writer, STREAM_CODECS[address.scheme](max_frame_bytes))
 
-    def closed_error(self) -> ConnectionClosed:
-        """What requests on this link fail with once it is gone."""
-        if self.bye is not None:
-            return ConnectionClosed(str(self.bye.get("code")), str(self.bye.get("message", "")))
-        return ConnectionClosed(None, "connection lost")
+    async def send(self, payload: bytes) -> None:
+        await self.send_raw(self.codec.send_frame(payload))
 
-    async def write(self, data: bytes) -> None:
+    async def send_raw(self, data: bytes) -> None:
         if self.is_closed:
             raise self.closed_error()
         try:
@@ -135,12 +185,72 @@ class _Link:
         except (ConnectionError, OSError) as exc:
             raise ConnectionClosed(None, f"connection lost: {exc}") from None
 
+    async def payloads(self) -> AsyncIterator[bytes]:
+        codec = self.codec
+        while not codec.is_closed:
+            codec.receive_data(await self.reader.read(READ_BYTES))
+            for event in codec.events_received():
+                if isinstance(event, FrameError):
+                    log.warning("gateway broke the framing: %s", event.message)
+                else:
+                    yield event.payload
+
     async def aclose(self) -> None:
         self.is_closed = True
         self.writer.close()
         with contextlib.suppress(ConnectionError, OSError, TimeoutError):
             async with asyncio.timeout(1.0):
                 await self.writer.wait_closed()
+
+
+class _WsLink(_Link):
+    """WebSocket (`ws://`, `wss://`): one JSON object per text message."""
+
+    def __init__(self, ws: WsConnection) -> None:
+        super().__init__()
+        self.ws = ws
+
+    @classmethod
+    async def open(cls, address: _Address, max_frame_bytes: int, timeout_s: float) -> _Link:
+        try:
+            ws = await ws_connect(
+                address.url,
+                ssl=address.ssl_context,
+                open_timeout=timeout_s,
+                max_size=max_frame_bytes,
+                compression=None,
+                proxy=None,
+                logger=_ws_log,
+            )
+        except InvalidHandshake as exc:
+            # The gateway answered, but not as a WebSocket endpoint: refused, not down.
+            raise ConnectionRefusedError(f"WebSocket handshake refused: {exc}") from None
+        return cls(ws)
+
+    async def send(self, payload: bytes) -> None:
+        await self.send_raw(payload)
+
+    async def send_raw(self, data: bytes) -> None:
+        if self.is_closed:
+            raise self.closed_error()
+        try:
+            await self.ws.send(data, text=True)
+        except WsClosed as exc:
+            raise ConnectionClosed(None, f"connection lost: {exc}") from None
+
+    async def payloads(self) -> AsyncIterator[bytes]:
+        try:
+            while True:
+                message = await self.ws.recv(decode=False)
+                yield message if isinstance(message, bytes) else message.encode()
+        except WsClosed:
+            return
+
+    async def aclose(self) -> None:
+        self.is_closed = True
+        with contextlib.suppress(ConnectionError, OSError, TimeoutError):
+            async with asyncio.timeout(1.0):
+                await self.ws.close()
 
 
 _CLOSED: Final = object()  # queued once the client is closed for good, wakes readers
@@ -253,12 +363,12 @@ class Client:
     async def _send_frame(self, payload: bytes) -> None:
         """Send one payload, framed by the link's codec, expecting no answer."""
         link = await self._wait_link()
-        await link.write(link.codec.send_frame(payload))
+        await link.send(payload)
 
     async def send_raw(self, payload: bytes) -> None:
         """Write bytes as they are, framing included (for abuse tests)."""
         link = await self._wait_link()
-        await link.write(payload)
+        await link.send_raw(payload)
 
     async def recv_raw(self, timeout_s: float | None = None) -> dict[str, Any]:
         """The next message no request was waiting for: errors without an id, `bye`…"""
@@ -309,7 +419,7 @@ class Client:
         future: asyncio.Future[dict[str, Any]] = asyncio.get_running_loop().create_future()
         self._pending[id] = future
         try:
-            await link.write(link.codec.send_frame(_encode(message)))
+            await link.send(_encode(message))
             return await future
         finally:
             del self._pending[id]
@@ -420,16 +530,10 @@ class Client:
             raise ConnectionClosed(None, "no answer while rejoining") from None
 
     async def _read(self, link: _Link) -> None:
-        """Feed the codec until EOF or a fatal framing error; dispatch what it finds."""
+        """Dispatch every message of the link until it ends."""
         try:
-            while not link.codec.is_closed:
-                data = await link.reader.read(READ_BYTES)
-                link.codec.receive_data(data)
-                for event in link.codec.events_received():
-                    if isinstance(event, FrameError):
-                        log.warning("gateway broke the framing: %s", event.message)
-                    else:
-                        self._dispatch(link, decode_server_message(event.payload))
+            async for payload in link.payloads():
+                self._dispatch(link, decode_server_message(payload))
         except (ConnectionError, OSError) as exc:
             log.info("connection lost: %s", exc)
         finally:
@@ -496,7 +600,10 @@ async def connect(
     reconnect: bool = False,
     ssl_context: ssl.SSLContext | None = None,
 ) -> Client:
-    """Dial a gateway (`tcp://H:P`, `tcp+len://H:P`, `tls://…`) and authenticate.
+    """Dial a gateway and authenticate with `token` when given.
+
+    URLs: `tcp://H:P`, `tcp+len://H:P`, `ws://H:P/path` and their TLS twins `tls://`,
+    `tls+len://`, `wss://` (verified with `ssl_context`, or the system's CAs).
 
     `request_timeout_s` bounds every request that does not pass its own timeout
     (the gateway's `call_timeout_s` answers first by default). Raises OSError or

@@ -12,6 +12,7 @@ import dataclasses
 import json
 import logging
 import ssl
+import struct
 import time
 from collections.abc import AsyncIterator, Callable
 from pathlib import Path
@@ -25,6 +26,7 @@ from websockets.exceptions import ConnectionClosed, InvalidStatus
 from websockets.frames import Close, Frame, Opcode
 from websockets.uri import parse_uri
 
+from portao.client import connect as portao_connect
 from portao.gateway.connection import ClientConnection
 from portao.gateway.listeners import open_server, parse_listen
 from tests.certs import TlsFiles, make_tls_files
@@ -398,3 +400,42 @@ async def test_broken_tls_stream_ends_the_connection(
             assert await reader.read() == b""
     writer.close()
     assert not stack.gateway.conns
+
+
+# -- portao.client over WebSocket and TLS ------------------------------------------------
+
+
+@pytest.mark.parametrize("scheme", ["ws", "wss", "tls", "tls+len"])
+async def test_client_library_speaks_every_scheme(
+    stack_factory: StackFactory, tls_files: TlsFiles, scheme: str
+) -> None:
+    stack = await stack_factory(tls_cert=tls_files.cert, tls_key=tls_files.key)
+    path = "/ws" if scheme.startswith("ws") else ""
+    url = (await listen(stack, f"{scheme}://127.0.0.1:0{path}")).replace("127.0.0.1", "localhost")
+    context = tls_files.client_context()
+    async with await portao_connect(url, token=stack.token("alice"), ssl_context=context) as c:
+        assert c.user == "alice"
+        assert await c.call("echo", {"é": [1]}) == {"é": [1]}
+        await c.call("chat.join", {"room": "lobby"})
+        await c.call("chat.say", {"room": "lobby", "text": "hi"})
+        push = await c.next_push(timeout_s=5)
+        assert (push.route, push.room) == ("chat.message", "lobby")
+        raw = b'{"op":"ping","id":"raw"}'
+        framed = {"tls": raw + b"\n", "tls+len": struct.pack(">I", len(raw)) + raw}
+        await c.send_raw(framed.get(scheme, raw))  # on ws: one text message as it is
+        assert await c.recv_raw(timeout_s=5) == {"op": "pong", "id": "raw"}
+
+
+async def test_client_reconnects_over_websocket(stack: Stack) -> None:
+    url = await listen(stack, "ws://127.0.0.1:0/ws")
+    token = stack.token("alice", rooms=["lobby"])
+    async with await portao_connect(url, token=token, reconnect=True) as c:
+        await c.sub("lobby")
+        [conn] = [conn for conn in stack.gateway.conns.values() if conn.session is not None
+                  and conn.session.user == "alice"]
+        conn.close()  # the gateway drops the link without a bye
+        await eventually(lambda: conn.conn_id not in stack.gateway.conns)
+        assert await c.call("echo", 5, timeout_s=10) == 5  # waits for the new link
+        await eventually(lambda: "lobby" in stack.gateway.rooms)
+        [again] = stack.gateway.rooms["lobby"]
+        assert again != conn.conn_id
