@@ -12,6 +12,7 @@ import random
 import signal
 import time
 from collections import Counter
+from collections.abc import AsyncIterator
 from pathlib import Path
 
 import pytest
@@ -19,6 +20,7 @@ import pytest
 from portao.client import Client, connect
 from portao.errors import RequestError
 from portao.session.auth import mint_token
+from tests.broker.backend_redis import delete_prefix
 from tests.conftest import REDIS_HOST, REDIS_PORT, require_service
 from tests.procs import SECRET, free_port, processes, wait_exit
 
@@ -28,8 +30,11 @@ APP = "tests.apps.scale:app"
 
 
 @pytest.fixture(autouse=True)
-def _redis() -> None:
+async def _redis(prefix: str) -> AsyncIterator[None]:
+    """Redis must be there; the test's keys are removed afterwards."""
     require_service("Redis", REDIS_HOST, REDIS_PORT)
+    yield
+    await delete_prefix(f"redis://{REDIS_HOST}:{REDIS_PORT}/0", prefix)
 
 
 def token(user: str) -> str:
