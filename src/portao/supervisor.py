@@ -17,7 +17,9 @@ Processes start by multiprocessing's spawn method: a fresh interpreter each, not
 inherited from the parent's event loop. Settings, secrets included, travel pickled
 through the spawn pipe, never through argv or the environment. If a process fails
 before any became ready, the parent stops all and exits 1: a configuration or start
-error does not turn into a restart loop.
+error does not turn into a restart loop. Each process keeps a socket to the parent
+open and drains by itself when it reads EOF there: a parent killed with SIGKILL
+leaves no orphans holding the ports.
 """
 
 from __future__ import annotations
@@ -26,6 +28,7 @@ import asyncio
 import contextlib
 import logging
 import multiprocessing
+import os
 import random
 import signal
 import sys
@@ -77,7 +80,7 @@ class _Child:
 
     index: int
     process: BaseProcess
-    report: Connection  # the process sends its admin port once it serves
+    link: Connection  # the process sends its admin port once it serves; EOF = parent gone
     started_at: float = field(default_factory=time.monotonic)
     admin_port: int | None = None
     ready: bool = False
@@ -138,6 +141,7 @@ class Supervisor:
             await self._wait_ready(child)
             await _readable(child.process.sentinel)
             child.process.join()
+            child.link.close()
             child.ready = False
             code = child.process.exitcode
             if self._stopping.is_set():
@@ -164,16 +168,16 @@ class Supervisor:
             self.restarts[index] += 1
 
     def _spawn(self, index: int) -> _Child:
-        receive, send = self._spawn_context.Pipe(duplex=False)
+        link, child_link = self._spawn_context.Pipe(duplex=True)
         settings = self.settings.model_copy(
             update={"processes": 1, "admin": self._child_admin(index)}
         )
         process = self._spawn_context.Process(
-            target=_child_main, args=(settings, index, send), name=f"portao-gateway-{index}"
+            target=_child_main, args=(settings, index, child_link), name=f"portao-gateway-{index}"
         )
         process.start()
-        send.close()
-        child = _Child(index, process, receive)
+        child_link.close()
+        child = _Child(index, process, link)
         self.children[index] = child
         log.info("started gateway process %d (pid %s)", index, process.pid)
         return child
@@ -181,12 +185,10 @@ class Supervisor:
     async def _wait_ready(self, child: _Child) -> None:
         """Wait for the process's report (its admin port), or for it to die first."""
         try:
-            await _readable(child.report.fileno())
-            child.admin_port = child.report.recv()
+            await _readable(child.link.fileno())
+            child.admin_port = child.link.recv()
         except EOFError:
             return
-        finally:
-            child.report.close()
         child.ready = True
         self._ever_ready = True
 
@@ -334,15 +336,24 @@ def run_supervisor(settings: Settings) -> int:
     return uvloop.run(Supervisor(settings).run())
 
 
-def _child_main(settings: Settings, index: int, report: Connection) -> None:
+def _child_main(settings: Settings, index: int, link: Connection) -> None:
     """Entry point of gateway process `index` (runs in a fresh interpreter)."""
     setup_logging(settings)
     raise_open_file_limit()
 
+    def parent_gone() -> None:
+        asyncio.get_running_loop().remove_reader(link.fileno())
+        log.warning("gateway process %d: the supervisor is gone; draining", index)
+        os.kill(os.getpid(), signal.SIGTERM)
+
     def on_ready(gateway: Gateway, admin: AdminServer | None) -> None:
         log.info("gateway process %d serving", index, extra={"gateway": gateway.id})
-        report.send(admin.port if admin is not None else None)
-        report.close()
+        try:
+            link.send(admin.port if admin is not None else None)
+        except OSError:
+            parent_gone()
+            return
+        asyncio.get_running_loop().add_reader(link.fileno(), parent_gone)
 
     try:
         uvloop.run(serve_gateway(settings, reuse_port=True, on_ready=on_ready))
