@@ -11,7 +11,7 @@ from array import array
 from collections import Counter
 from typing import Any
 
-from hdrh.histogram import HdrHistogram  # type: ignore[import-untyped]
+from hdrh.histogram import HdrHistogram  # type: ignore[import-untyped,import-not-found,unused-ignore]
 
 LOWEST_US = 1
 HIGHEST_US = 600_000_000

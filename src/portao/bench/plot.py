@@ -16,10 +16,10 @@ MIB = 1024 * 1024
 
 def draw(result: dict[str, Any], out_dir: Path) -> list[Path]:
     """Write the charts of a comparison result; returns the files written."""
-    import matplotlib
+    import matplotlib  # type: ignore[import-not-found,unused-ignore]
 
     matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    import matplotlib.pyplot as plt  # type: ignore[import-not-found,unused-ignore]
 
     out_dir.mkdir(parents=True, exist_ok=True)
     ramps = _ramps(result)

@@ -10,7 +10,7 @@ import os
 import platform
 from typing import Any
 
-import psutil  # type: ignore[import-untyped]
+import psutil  # type: ignore[import-untyped,import-not-found,unused-ignore]
 
 SHARED_MACHINE_NOTE = (
     "measured on a shared 2-core machine while other work may run: compare ratios "
