@@ -224,7 +224,9 @@ class AmqpLink:
                 return await self._open()
             except BrokerUnavailable as exc:
                 log.info("RabbitMQ reconnect attempt %d failed: %s", attempt + 1, exc)
-                attempt += 1
+            except Exception:  # a bug must not end the link's only keeper
+                log.exception("RabbitMQ reconnect attempt %d failed", attempt + 1)
+            attempt += 1
 
 
 async def _close(connection: aiormq.abc.AbstractConnection, why: str) -> None:
