@@ -97,8 +97,10 @@ class Settings(BaseSettings):
     rate_limit_per_s: float = Field(
         1000.0, gt=0, description="Token bucket refill per connection (messages/s)."
     )
-    rate_burst: int = Field(2000, ge=1, description="Token bucket size per connection.")
-    max_pending_calls: int = Field(1000, ge=1, description="Calls in flight per connection.")
+    rate_burst: int = Field(default=2000, ge=1, description="Token bucket size per connection.")
+    max_pending_calls: int = Field(
+        default=1000, ge=1, description="Calls in flight per connection."
+    )
     max_connections: int = Field(
         0, ge=0, description="Connections per process (0: open-file limit - 256)."
     )
@@ -110,13 +112,21 @@ class Settings(BaseSettings):
     )
 
     # workers and queues
-    max_attempts: int = Field(3, ge=1, description="Handler attempts before the dead-letter queue.")
-    retry_delay_s: float = Field(0.2, ge=0, description="First retry delay (doubles each time).")
+    max_attempts: int = Field(
+        default=3, ge=1, description="Handler attempts before the dead-letter queue."
+    )
+    retry_delay_s: float = Field(
+        default=0.2, ge=0, description="First retry delay (doubles each time)."
+    )
     visibility_timeout_s: float = Field(
         5.0, gt=0, description="A dead worker's message moves on after this."
     )
-    handler_timeout_s: float = Field(25.0, gt=0, description="Longest run of one handler attempt.")
-    worker_concurrency: int = Field(100, ge=1, description="Handlers one worker runs at once.")
+    handler_timeout_s: float = Field(
+        default=25.0, gt=0, description="Longest run of one handler attempt."
+    )
+    worker_concurrency: int = Field(
+        default=100, ge=1, description="Handlers one worker runs at once."
+    )
     max_queue_length: int = Field(
         100_000, ge=1, description="Backlog per route before `overloaded`."
     )
@@ -280,7 +290,8 @@ def _describe(exc: ValidationError, sources: dict[str, str]) -> str:
             hint = f"; did you mean {close[0]!r}?" if close else ""
             parts.append(f"unknown setting {name!r} (from {sources.get(name, '?')}){hint}")
         elif name:
-            parts.append(f"{name} (from {sources.get(name, 'its default')}): {message}")
+            where = sources.get(name, "its default")
+            parts.append(f"invalid setting {name} (from {where}): {message}")
         else:
-            parts.append(message)
-    return "invalid setting " + "; ".join(parts)
+            parts.append(f"invalid settings: {message}")
+    return "; ".join(parts)
