@@ -180,6 +180,11 @@ class WebSocketCodec:
             return
         tokens = parse_qs(url.query).get("token")
         self._url_token = tokens[0] if tokens else None
+        # websockets' parser keeps the request for the connection's whole life (a
+        # local of its generator): empty it, which halves what an idle WebSocket
+        # costs and drops the URL's token from memory.
+        request.headers.clear()
+        request.path = ""
 
     def _frame(self, frame: WsFrame) -> None:
         opcode = frame.opcode
