@@ -20,7 +20,7 @@ from portao.errors import RequestError
 from portao.session.auth import mint_token
 from tests.conftest import REDIS_HOST, REDIS_PORT, require_service
 from tests.gateway.conftest import RawClient
-from tests.ops.admin import get, scrape, until
+from tests.ops.admin import get, scrape, status_is, until
 from tests.procs import SECRET, Procs, processes, wait_exit
 
 pytestmark = [pytest.mark.redis, pytest.mark.slow]
@@ -53,7 +53,10 @@ class Supervised:
         self.port = free_port_block(1)
         self.admin_port = free_port_block(3)
         self.base = f"http://127.0.0.1:{self.admin_port}"
-        procs.worker(APP, "--broker", BROKER, name="worker")
+        worker_admin = free_port_block(1)
+        self.worker_base = f"http://127.0.0.1:{worker_admin}"
+        procs.worker(APP, "--broker", BROKER, "--admin", f"127.0.0.1:{worker_admin}",
+                     name="worker")
         self.parent = procs.spawn(
             "gateway", "--processes", "2", "--broker", BROKER,
             "--listen", f"tcp://127.0.0.1:{self.port}", "--admin", f"127.0.0.1:{self.admin_port}",
@@ -129,6 +132,12 @@ async def test_a_killed_process_is_restarted_and_the_port_keeps_serving(
     for process in ("0", "1"):
         assert metrics.value("portao_gateway_connections_opened_total", process=process) > 0
     assert supervised.parent.poll() is None
+    # The worker's own admin listener counts what it served.
+    assert await status_is(supervised.worker_base + "/readyz", 200)
+    worker = await scrape(supervised.worker_base)
+    assert worker.value("portao_worker_handled_total") >= 31
+    assert worker.value("portao_worker_handler_latency_seconds_count") >= 31
+    assert worker.value("portao_broker_up") == 1
 
 
 async def test_sigterm_drains_every_process_with_calls_in_flight_answered(
