@@ -40,6 +40,8 @@ from playwright.async_api import Browser  # noqa: E402
 
 from portao.client import connect  # noqa: E402
 
+pytestmark = pytest.mark.slow  # a browser and a `portao run` process: ~10 s
+
 
 @pytest.fixture
 async def portao() -> AsyncIterator[Portao]:
