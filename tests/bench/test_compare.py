@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -10,7 +11,7 @@ import pytest
 pytest.importorskip("hdrh", reason="needs the bench extra: pip install -e '.[bench]'")
 pytest.importorskip("matplotlib", reason="needs the bench extra: pip install -e '.[bench]'")
 
-from portao.bench import compare, plot
+from portao.bench import compare, loadgen, plot, targets
 from portao.session.auth import generate_secret
 
 
@@ -73,3 +74,19 @@ def test_a_tiny_comparison_runs_end_to_end(tmp_path: Path) -> None:
     written = plot.draw(result, tmp_path)
     assert [p.name for p in written] == ["latency_vs_load.png", "memory_vs_connections.png"]
     assert all(p.stat().st_size > 1000 for p in written)
+
+
+@pytest.mark.slow
+def test_the_socketio_peer_speaks_the_same_workload(redis_url: str) -> None:
+    pytest.importorskip("socketio", reason="needs the bench extra: pip install -e '.[bench]'")
+    secret = generate_secret()
+    with targets.started("socketio", secret, redis_url) as target:
+        options = loadgen.Options("fanout", target.url, connections=10, processes=1,
+                                  duration_s=0.5, warmup_s=0.2, rate=20.0, secret=secret)
+        fanout = loadgen.run(options)
+        rpc = loadgen.run(replace(options, scenario="rpc", rate=0.0))
+        idle = loadgen.run(replace(options, scenario="idle"))
+    assert 10 <= fanout["deliveries"] <= 10 * fanout["messages"]
+    assert rpc["done"] > 0
+    assert rpc["errors"] == {}
+    assert idle["done"] == 10

@@ -25,7 +25,7 @@ from portao.bench.baseline import BaselineServer
 from portao.demo import app as demo_app
 from portao.session.auth import TokenVerifier
 
-from .conftest import SECRET, Stack
+from .conftest import SECRET, Stack, StackFactory
 
 COMMON = {"connections": 20, "processes": 2, "duration_s": 1.0, "warmup_s": 0.2,
           "secret": SECRET, "timeout_s": 5.0}
@@ -124,3 +124,13 @@ async def test_bare_echo_answers_calls() -> None:
         result = await run(f"tcp://127.0.0.1:{port}", "rpc")
     assert result["done"] > 0
     assert result["errors"] == {}
+
+
+async def test_rpc_and_fanout_over_websocket(stack_factory: StackFactory) -> None:
+    stack = await stack_factory(listen=["ws://127.0.0.1:0/"])
+    host, port = stack.address(0)
+    rpc = await run(f"ws://{host}:{port}/", "rpc", rate=200.0)
+    assert rpc["done"] >= 100
+    assert rpc["errors"] == {}
+    fanout = await run(f"ws://{host}:{port}/", "fanout", rate=20.0)
+    assert 20 <= fanout["deliveries"] <= 20 * fanout["messages"]

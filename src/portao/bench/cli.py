@@ -189,3 +189,52 @@ def compare(
 
         for path in plot.draw(result, plot_dir):
             click.echo(f"wrote {path}")
+
+
+@bench.command()
+@click.option("--listen", default="socketio://127.0.0.1:7979", show_default=True)
+@click.option("--jwt-secret", "secret", envvar="PORTAO_JWT_SECRET", required=True,
+              help="HS256 secret (or PORTAO_JWT_SECRET).")
+@click.option("--redis", "redis_url", default="redis://127.0.0.1:6379/0", show_default=True,
+              help="Redis for the Socket.IO manager ('' for none).")
+@click.option("--channel", default="portao-bench-socketio", show_default=True)
+def socketio(listen: str, secret: str, redis_url: str, channel: str) -> None:
+    """The peer: python-socketio (Redis manager) on uvicorn, same chat/echo workload."""
+    from portao.bench.peer import main
+    from portao.runtime import raise_open_file_limit
+
+    raise_open_file_limit()
+    host, port = _host_port(listen)
+    click.echo(f"python-socketio peer listening on {listen}", err=True)
+    main(host, port, secret, redis_url or None, channel)
+
+
+@bench.command()
+@click.option("--targets", default="socketio,run-ws,redis-ws", show_default=True)
+@click.option("--repeats", type=click.IntRange(min=1), default=3, show_default=True)
+@click.option("--idle-connections", type=click.IntRange(min=1), default=5000, show_default=True)
+@click.option("--rpc-connections", type=click.IntRange(min=1), default=1000, show_default=True)
+@click.option("--rpc-rate", type=float, default=2000.0, show_default=True,
+              help="Echo calls/s offered in total.")
+@click.option("--fanout-members", type=click.IntRange(min=1), default=1000, show_default=True)
+@click.option("-d", "--duration", "duration_s", type=float, default=5.0, show_default=True)
+@click.option("--redis", "redis_url", default="redis://127.0.0.1:6379/0", show_default=True)
+@click.option("--json", "json_path", type=click.Path(dir_okay=False, path_type=Path),
+              default=Path("bench/results/peer.json"), show_default=True)
+def peer(targets: str, json_path: Path, **values: Any) -> None:
+    """python-socketio (Redis manager) vs portao's WebSocket listener, same workload."""
+    from portao.bench import compare as comparison
+    from portao.session.auth import generate_secret
+
+    plan = comparison.PeerPlan(
+        targets=tuple(t.strip() for t in targets.split(",") if t.strip()), **values)
+    unknown = set(plan.targets) - {"socketio", "run-ws", "redis-ws"}
+    if unknown:
+        raise click.UsageError(f"unknown targets: {', '.join(sorted(unknown))}")
+    result = comparison.run_peer(plan, generate_secret(), _progress)
+    if sys.stderr.isatty():
+        click.echo(err=True)
+    report.write_json(result, json_path)
+    click.echo(comparison.peer_table(result))
+    if result["skipped"]:
+        click.echo(f"skipped (service not reachable): {', '.join(result['skipped'])}")

@@ -217,7 +217,7 @@ def _pct(value: float | None) -> str:
     return "-" if value is None else f"{value:,.0f}%"
 
 
-def _plain(plan: Plan) -> dict[str, Any]:
+def _plain(plan: Plan | PeerPlan) -> dict[str, Any]:
     return {name: getattr(plan, name) for name in plan.__slots__}
 
 
@@ -229,3 +229,98 @@ def _redis_up(url: str) -> bool:
             return True
     except OSError:
         return False
+
+
+# -- the peer comparison --------------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class PeerPlan:
+    """python-socketio against portao's WebSocket listener, same workload."""
+
+    targets: tuple[str, ...] = ("socketio", "run-ws", "redis-ws")
+    repeats: int = 3
+    idle_connections: int = 5000
+    rpc_connections: int = 1000
+    rpc_rate: float = 2000.0
+    fanout_members: int = 1000
+    duration_s: float = 5.0
+    redis_url: str = "redis://127.0.0.1:6379/0"
+
+
+def run_peer(plan: PeerPlan, secret: str, progress: Progress | None = None) -> dict[str, Any]:
+    """Measure each target `plan.repeats` times, interleaved; ratios against socketio."""
+    kinds = [k for k in plan.targets if ("redis" not in k and k != "socketio")
+             or _redis_up(plan.redis_url)]
+    runs: list[dict[str, Any]] = []
+    for repeat in range(plan.repeats):
+        for kind in kinds:
+            if progress is not None:
+                progress(f"peer: repeat {repeat + 1}/{plan.repeats}, {targets.KINDS[kind]}")
+            with targets.started(kind, secret, plan.redis_url) as target:
+                base = Options("idle", target.url, secret=secret, server_pid=target.pid,
+                               duration_s=plan.duration_s, warmup_s=0.0)
+                runs.append({
+                    "target": kind, "repeat": repeat,
+                    "idle": loadgen.run(replace(base, connections=plan.idle_connections),
+                                        progress),
+                    "rpc": loadgen.run(replace(base, scenario="rpc", warmup_s=1.0,
+                                               connections=plan.rpc_connections,
+                                               rate=plan.rpc_rate), progress),
+                    "fanout": loadgen.run(replace(base, scenario="fanout", warmup_s=1.0,
+                                                  connections=plan.fanout_members), progress),
+                })
+    figures = {k: [_peer_figures(r) for r in runs if r["target"] == k] for k in kinds}
+    peer = {f["repeat"]: f for f in figures.get("socketio", [])}
+    ratios = {
+        kind: {
+            "memory_x_less": _median([_ratio(peer.get(f["repeat"], {}).get("kib_per_connection"),
+                                             f["kib_per_connection"]) for f in values]),
+            "p99_x_lower": _median([_ratio(peer.get(f["repeat"], {}).get("echo_p99_ms"),
+                                           f["echo_p99_ms"]) for f in values]),
+            "broadcast_x": _median([_ratio(f["deliveries_per_s"],
+                                           peer.get(f["repeat"], {}).get("deliveries_per_s"))
+                                    for f in values]),
+        }
+        for kind, values in figures.items() if kind != "socketio"
+    }
+    return {"plan": _plain(plan), "runs": runs, "skipped": sorted(set(plan.targets) - set(kinds)),
+            "summary": {"medians": {k: _medians(v) for k, v in figures.items() if v},
+                        "ratios": ratios}}
+
+
+def _peer_figures(item: dict[str, Any]) -> dict[str, Any]:
+    idle, rpc, fanout = item["idle"], item["rpc"], item["fanout"]
+    return {
+        "repeat": item["repeat"],
+        "kib_per_connection": (idle["server"].get("bytes_per_connection") or 0) / KIB or None,
+        "echo_per_s": rpc["per_s"],
+        "echo_p99_ms": rpc["latency_ms"]["p99"],
+        "deliveries_per_s": fanout["per_s"],
+        "delivery_p99_ms": fanout["latency_ms"]["p99"],
+    }
+
+
+def peer_table(result: dict[str, Any]) -> str:
+    medians = result["summary"]["medians"]
+    ratios = result["summary"]["ratios"]
+    plan = result["plan"]
+    kinds = [k for k in ("socketio", "run-ws", "redis-ws") if k in medians]
+    others = [k for k in kinds if k in ratios]
+    header = ["aspect", *[targets.KINDS[k] for k in kinds],
+              *[f"{k} vs socketio" for k in others]]
+
+    def row(label: str, key: str, fmt: str, ratio: str | None) -> list[str]:
+        cells = ["-" if medians[k][key] is None else fmt.format(medians[k][key]) for k in kinds]
+        return [label, *cells, *[_times(ratios[k][ratio]) if ratio else "" for k in others]]
+
+    return report.table([
+        row(f"memory per idle connection ({plan['idle_connections']:,})", "kib_per_connection",
+            "{:,.1f} KiB", "memory_x_less"),
+        row(f"echo p99 at {plan['rpc_rate']:,.0f}/s offered ({plan['rpc_connections']:,} conns)",
+            "echo_p99_ms", "{:,.1f} ms", "p99_x_lower"),
+        row("echo answered/s", "echo_per_s", "{:,.0f}", None),
+        row(f"broadcast deliveries/s ({plan['fanout_members']:,} members)", "deliveries_per_s",
+            "{:,.0f}", "broadcast_x"),
+        row("broadcast delivery p99", "delivery_p99_ms", "{:,.1f} ms", None),
+    ], header)

@@ -54,19 +54,33 @@ class Options:
         return self.processes or max(1, math.ceil(self.connections / MAX_PER_PROCESS))
 
 
+SOCKETIO_PATH = "/socket.io/?EIO=4&transport=websocket"
+
+
 def parse_target(url: str) -> tuple[str, int]:
+    """(host, port) of a target: tcp://H:P, ws://H:P[/path] or socketio://H:P."""
     parts = urlsplit(url)
-    if parts.scheme != "tcp" or parts.hostname is None or parts.port is None:
-        raise ValueError(f"target {url!r}: expected tcp://HOST:PORT")
+    if parts.scheme not in ("tcp", "ws", "socketio") or not parts.hostname or not parts.port:
+        raise ValueError(f"target {url!r}: expected tcp://H:P, ws://H:P[/path] or socketio://H:P")
     return parts.hostname, parts.port
+
+
+def link_url(url: str) -> tuple[str, str]:
+    """The URL a link connects to and the dialect it speaks there."""
+    if url.startswith("socketio://"):
+        host, port = parse_target(url)
+        return f"ws://{host}:{port}{SOCKETIO_PATH}", "socketio"
+    return url, "portao"
 
 
 def plans(options: Options) -> list[Plan]:
     """Each process's share: connections and rate split as evenly as they go."""
-    host, port = parse_target(options.target)
+    host, _ = parse_target(options.target)
+    url, dialect = link_url(options.target)
     count = options.process_count
     base = Plan(
-        scenario=options.scenario, host=host, port=port, index=0, connections=0, first=0,
+        scenario=options.scenario, url=url, host=host, dialect=dialect, index=0, connections=0,
+        first=0,
         secret=options.secret, duration_s=options.duration_s, warmup_s=options.warmup_s,
         rate=0.0, depth=options.depth, route=options.route,
         payload_bytes=options.payload_bytes, room=options.room,
@@ -120,7 +134,7 @@ def run(options: Options, progress: Progress | None = None) -> dict[str, Any]:
     return _summarize(options, results, connect_s, pid, machine, (before, connected, after))
 
 
-def _context() -> multiprocessing.context.BaseContext:
+def _context() -> multiprocessing.context.ForkServerContext:
     """Fork-server processes: a clean interpreter (no inherited event loop) that
     has imported the load generator once, so each run starts its processes fast."""
     context = multiprocessing.get_context("forkserver")

@@ -17,7 +17,8 @@ from typing import Any, ClassVar
 import msgspec
 
 from portao.bench.latency import Samples
-from portao.bench.link import Link, decode_said, open_link, source_address
+from portao.bench.link import PORTAO, Dialect, Link, decode_said, open_link, source_address
+from portao.bench.sio import SOCKETIO
 from portao.session.auth import mint_token
 
 TOKEN_TTL_S = 6 * 3600
@@ -27,6 +28,7 @@ TICK_S = 0.001
 #: After the window, wait this long with no answer/push before calling the rest lost.
 QUIET_S = 0.5
 CHURN_TOKENS = 256
+DIALECTS: dict[str, Dialect] = {"portao": PORTAO, "socketio": SOCKETIO}
 
 
 @dataclass(frozen=True, slots=True)
@@ -34,8 +36,9 @@ class Plan:
     """One process's part of a run."""
 
     scenario: str
+    url: str  # tcp://H:P or ws://H:P/path
     host: str
-    port: int
+    dialect: str  # portao | socketio
     index: int
     connections: int
     first: int  # global number of this process's first connection
@@ -66,6 +69,7 @@ class Scenario:
         self.done = 0
         self.window = (float("inf"), float("inf"))
         self.last_answer = 0.0
+        self.dialect = DIALECTS[plan.dialect]
         self.route = plan.route.encode()
         self.data = b'"' + b"x" * plan.payload_bytes + b'"'
 
@@ -95,7 +99,7 @@ class Scenario:
         plan = self.plan
         try:
             link = await open_link(
-                plan.host, plan.port, source_address(plan.host, number), self, plan.timeout_s
+                plan.url, source_address(plan.host, number), self, self.dialect, plan.timeout_s
             )
         except TimeoutError:
             self.connect_errors["connect timeout"] += 1
@@ -104,7 +108,7 @@ class Scenario:
             self.connect_errors[type(exc).__name__] += 1
             return None
         try:
-            auth = b'{"op":"auth","token":"%s"}\n' % (token or self.token(number)).encode()
+            auth = self.dialect.auth(token or self.token(number))
             answer = await link.request(auth, plan.timeout_s)
             if answer.op == "ok":
                 answer = await self.after_auth(link)
@@ -212,7 +216,7 @@ class Idle(Scenario):
             async with gate:
                 started = time.time()
                 try:
-                    answer = await link.request(b'{"op":"ping"}\n', self.plan.timeout_s)
+                    answer = await link.request(self.dialect.ping(), self.plan.timeout_s)
                 except (TimeoutError, ConnectionError):
                     self.errors["ping unanswered"] += 1
                     return
@@ -279,8 +283,7 @@ class Fanout(Scenario):
         self.sent = 0
 
     async def after_auth(self, link: Link) -> Any:
-        room = self.plan.room.encode()
-        return await link.request(b'{"op":"sub","room":"%s"}\n' % room, self.plan.timeout_s)
+        return await link.request(self.dialect.sub(self.plan.room), self.plan.timeout_s)
 
     async def connect(self) -> None:
         await super().connect()

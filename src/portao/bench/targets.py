@@ -8,8 +8,8 @@ process holding the connections (the gateway), whose memory the scenarios sample
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
-import json
 import os
 import signal
 import socket
@@ -22,9 +22,13 @@ import uuid
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 
+from portao.bench.link import Link, open_link
+from portao.bench.loadgen import link_url
+from portao.bench.scenarios import DIALECTS
 from portao.session.auth import mint_token
 
 READY_TIMEOUT_S = 30.0
+PROBE_TIMEOUT_S = 5.0
 STOP_TIMEOUT_S = 15.0
 DEFAULT_REDIS = "redis://127.0.0.1:6379/0"
 
@@ -33,7 +37,11 @@ KINDS = {
     "baseline": "thread per client",
     "run": "portao run (memory)",
     "redis": "gateway + worker (Redis)",
+    "socketio": "python-socketio (Redis manager)",
+    "run-ws": "portao run, WebSocket",
+    "redis-ws": "gateway + worker (Redis), WebSocket",
 }
+SCHEMES = {"socketio": "socketio", "run-ws": "ws", "redis-ws": "ws"}
 
 
 @dataclass
@@ -62,9 +70,13 @@ def _commands(kind: str, url: str, redis_url: str) -> list[list[str]]:
             return [[*python, "portao.bench", "bare", "--listen", url]]
         case "baseline":
             return [[*python, "portao.bench", "baseline", "--listen", url]]
-        case "run":
+        case "run" | "run-ws":
             return [[*python, "portao.cli", "run", "--listen", url, *quiet]]
-        case "redis":
+        case "socketio":
+            channel = f"bench{uuid.uuid4().hex[:8]}"
+            return [[*python, "portao.bench", "socketio", "--listen", url, "--redis", redis_url,
+                     "--channel", channel]]
+        case "redis" | "redis-ws":
             prefix = ["--broker", redis_url, "--prefix", f"bench{uuid.uuid4().hex[:8]}", *quiet]
             return [
                 [*python, "portao.cli", "gateway", "--listen", url, *prefix],
@@ -83,7 +95,8 @@ def free_port() -> int:
 @contextlib.contextmanager
 def started(kind: str, secret: str, redis_url: str = DEFAULT_REDIS) -> Iterator[Target]:
     """Start a target, wait until it answers a call, stop it on exit."""
-    url = f"tcp://127.0.0.1:{free_port()}"
+    scheme = SCHEMES.get(kind, "tcp")
+    url = f"{scheme}://127.0.0.1:{free_port()}" + ("/" if scheme == "ws" else "")
     env = {**os.environ, "PORTAO_JWT_SECRET": secret}
     target = Target(kind, url)
     with contextlib.ExitStack() as stack:
@@ -113,7 +126,6 @@ def stop(target: Target) -> None:
 
 def wait_answering(target: Target, secret: str) -> None:
     """Until a call through the target is answered (workers registered, broker up)."""
-    host, _, port = target.url.removeprefix("tcp://").rpartition(":")
     token = mint_token(secret, "probe", ttl_s=600, now=time.time())
     deadline = time.monotonic() + READY_TIMEOUT_S
     last = "not started"
@@ -124,23 +136,45 @@ def wait_answering(target: Target, secret: str) -> None:
                 err = log.read().decode(errors="replace")
                 raise RuntimeError(f"{target.kind} exited with {process.returncode}: {err[-800:]}")
         try:
-            answer = _probe(host, int(port), token)
-            if answer.get("op") == "reply":
-                return
-            last = json.dumps(answer)
-        except OSError as exc:
-            last = str(exc)
+            last = asyncio.run(_probe(target.url, token))
+        except (OSError, TimeoutError) as exc:
+            last = f"{type(exc).__name__}: {exc}"
+        if last == "reply":
+            return
         time.sleep(0.2)
     raise RuntimeError(f"{target.kind} did not answer a call in {READY_TIMEOUT_S:.0f} s: {last}")
 
 
-def _probe(host: str, port: int, token: str) -> dict[str, object]:
-    with socket.create_connection((host, port), timeout=5) as sock:
-        sock.sendall(b'{"op":"auth","token":"%s"}\n' % token.encode())
-        sock.sendall(b'{"op":"call","id":1,"route":"echo","data":1}\n')
-        reader = sock.makefile("rb")
-        for line in reader:
-            answer: dict[str, object] = json.loads(line)
-            if answer.get("op") in ("reply", "error", "bye"):
-                return answer
-    return {"op": "closed"}
+class _Probe:
+    """A sink for one call: remembers how it ended."""
+
+    def __init__(self) -> None:
+        self.done: asyncio.Future[str] = asyncio.get_running_loop().create_future()
+
+    def completed(self, link: Link, started: float, now: float, code: str | None) -> None:
+        if not self.done.done():
+            self.done.set_result(code or "reply")
+
+    def pushed(self, link: Link, data: bytes, now: float) -> None:
+        pass
+
+    def lost(self, link: Link, code: str | None) -> None:
+        if not self.done.done():
+            self.done.set_result(f"closed ({code})")
+
+
+async def _probe(url: str, token: str) -> str:
+    """Auth and one echo call through the target, in the dialect its URL implies."""
+    address, dialect_name = link_url(url)
+    dialect = DIALECTS[dialect_name]
+    sink = _Probe()
+    link = await open_link(address, None, sink, dialect, PROBE_TIMEOUT_S)
+    try:
+        answer = await link.request(dialect.auth(token), PROBE_TIMEOUT_S)
+        if answer.op != "ok":
+            return f"auth: {answer.op} {answer.code}"
+        link.call(b"echo", b"1", time.time())
+        async with asyncio.timeout(PROBE_TIMEOUT_S):
+            return await sink.done
+    finally:
+        link.close()
