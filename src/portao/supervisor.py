@@ -322,7 +322,7 @@ class MergedMetrics(Collector):
 def check_settings(settings: Settings) -> None:
     """Refuse what N processes cannot share, before starting any (`ConfigError`)."""
     for url in settings.listen or GATEWAY_LISTEN:
-        if parse_listen(url).port == 0:
+        if parse_listen(url, settings).port == 0:
             raise ConfigError(
                 f"listen: {url!r}: --processes needs fixed ports (with port 0 each process "
                 "would listen on a port of its own)"
