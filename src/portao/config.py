@@ -68,6 +68,14 @@ class Settings(BaseSettings):
     )
     tls_cert: Path | None = Field(None, description="PEM certificate for the TLS listeners.")
     tls_key: Path | None = Field(None, description="PEM private key for the TLS listeners.")
+    ws_origins: list[str] = Field(
+        default_factory=list,
+        description="WebSocket Origin allowlist; empty allows any (tokens authenticate).",
+    )
+    ws_compression: bool = Field(
+        default=False,
+        description="permessage-deflate for WebSocket (costs tens of KiB per connection).",
+    )
 
     # auth
     jwt_secret: SecretStr | None = Field(

@@ -31,7 +31,7 @@ from portao.worker.runner import Worker
 
 log = logging.getLogger("portao")
 
-RUN_LISTEN = ["tcp://127.0.0.1:7878"]
+RUN_LISTEN = ["tcp://127.0.0.1:7878", "ws://127.0.0.1:7879"]
 GATEWAY_LISTEN = ["tcp://0.0.0.0:7878"]
 RUN_ADMIN = "127.0.0.1:7880"
 

@@ -36,7 +36,7 @@ from portao.gateway.listeners import ListenSpec, open_server, parse_listen
 from portao.routing.pending import PendingCall, PendingCalls
 from portao.session.actions import Authenticated, JoinRoom, LeaveRoom, Publish
 from portao.session.auth import TokenVerifier
-from portao.session.lifecycle import Limits, Session, State
+from portao.session.lifecycle import Limits, State
 from portao.wire import messages as wire
 
 log = logging.getLogger("portao.gateway")
@@ -112,7 +112,9 @@ class Gateway:
         self._own_state = not _same(state, broker)  # a separate store (RabbitMQ + Redis)
         self.verifier = verifier
         self.id = gateway_id or new_gateway_id()
-        self.specs: list[ListenSpec] = [parse_listen(u) for u in (listen or settings.listen)]
+        self.specs: list[ListenSpec] = [
+            parse_listen(u, settings) for u in (listen or settings.listen)
+        ]
         self.reuse_port = reuse_port
         self.limits = Limits.from_settings(settings)
         self.max_connections = settings.effective_max_connections
@@ -249,9 +251,6 @@ class Gateway:
         self.stats.opened += 1
         log.info("connection open", extra={"gateway": self.id, "conn": conn.conn_id})
         return True
-
-    def new_session(self, conn_id: int) -> Session:
-        return Session(conn_id, self.id, self.limits, self.verifier, self.pending, time.time())
 
     def forget(self, conn: ClientConnection) -> None:
         """The socket is gone: drop its calls, memberships and user binding."""
