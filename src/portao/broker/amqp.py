@@ -222,6 +222,7 @@ class AmqpBroker:
                 properties=properties,
                 mandatory=mandatory,
                 timeout=self._timeouts.operation_s,
+                wait=False,  # do not hold the channel until our frames hit the socket
             )
         except PublishError:
             return "returned"
