@@ -23,8 +23,6 @@ from tests.gateway.conftest import RawClient
 from tests.ops.admin import get, scrape, status_is, until
 from tests.procs import SECRET, Procs, processes, wait_exit
 
-pytestmark = [pytest.mark.redis, pytest.mark.slow]
-
 APP = "tests.apps.scale:app"
 BROKER = f"redis://{REDIS_HOST}:{REDIS_PORT}/0"
 
@@ -98,6 +96,8 @@ def supervised(tmp_path: Path, prefix: str) -> Iterator[Supervised]:
         yield Supervised(procs)
 
 
+@pytest.mark.redis
+@pytest.mark.slow
 async def test_a_killed_process_is_restarted_and_the_port_keeps_serving(
     supervised: Supervised,
 ) -> None:
@@ -140,6 +140,8 @@ async def test_a_killed_process_is_restarted_and_the_port_keeps_serving(
     assert worker.value("portao_broker_up") == 1
 
 
+@pytest.mark.redis
+@pytest.mark.slow
 async def test_sigterm_drains_every_process_with_calls_in_flight_answered(
     supervised: Supervised,
 ) -> None:
@@ -171,3 +173,23 @@ async def test_sigterm_drains_every_process_with_calls_in_flight_answered(
     for pid in pids:
         with pytest.raises(ProcessLookupError):
             os.kill(pid, 0)
+
+
+async def test_a_process_failing_before_any_served_stops_the_supervisor(tmp_path: Path) -> None:
+    with processes(tmp_path) as procs:
+        parent = procs.spawn(
+            "gateway", "--processes", "2", "--broker", "redis://127.0.0.1:1/0",
+            "--listen", f"tcp://127.0.0.1:{free_port_block(1)}", name="supervisor",
+        )  # fmt: skip
+        assert await wait_exit(parent, 60) == 1
+        assert "before it served; giving up" in procs.logs()
+
+
+def test_processes_need_fixed_ports(tmp_path: Path) -> None:
+    with processes(tmp_path) as procs:
+        parent = procs.spawn(
+            "gateway", "--processes", "2", "--broker", "redis://127.0.0.1:1/0",
+            "--listen", "tcp://127.0.0.1:0", name="supervisor",
+        )  # fmt: skip
+        assert parent.wait(timeout=60) == 2
+        assert "--processes needs fixed ports" in procs.logs()
