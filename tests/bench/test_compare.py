@@ -28,7 +28,8 @@ def scenario(connected: int, per_s: float, p99: float | None, kib: float | None 
 def run_of(kind: str, repeat: int, *, kib: float, calls: float, p99: float,
            ramp: list[tuple[int, float]] | None) -> dict[str, Any]:
     out: dict[str, Any] = {"target": kind, "repeat": repeat,
-                           "idle": scenario(100, 0, 1.0, kib), "rpc": scenario(1000, calls, p99)}
+                           "idle": scenario(100, 0, 1.0, kib), "rpc": scenario(1000, calls, p99),
+                           "capacity": scenario(1000, 2 * calls, 10 * p99)}
     if ramp is not None:
         out["ramp"] = [scenario(n, n, p) for n, p in ramp]
     return out
@@ -55,7 +56,7 @@ def test_ratios_are_taken_within_a_repeat_then_medianed() -> None:
     assert ratios["connections_x"] == 2
     table = compare.table({"plan": compare._plain(plan), "summary": summary})
     assert "thread per client" in table
-    assert "% of bare uvloop echo rate" in table
+    assert "% of bare uvloop echo rate (8 in flight)" in table
     assert "15.0x" in table
 
 

@@ -156,6 +156,8 @@ def _ints(value: str) -> tuple[int, ...]:
 @click.option("--rpc-connections", type=click.IntRange(min=1), default=1000, show_default=True)
 @click.option("--rpc-processes", type=click.IntRange(min=1), default=2, show_default=True)
 @click.option("--rpc-depth", type=click.IntRange(min=1), default=1, show_default=True)
+@click.option("--capacity-depth", type=click.IntRange(min=1), default=8, show_default=True,
+              help="Calls in flight per connection for the echo-capacity run (% of bare).")
 @click.option("-d", "--duration", "duration_s", type=float, default=5.0, show_default=True)
 @click.option("--ramp", default="1000,2000,4000,8000,16000", show_default=True,
               help="Connection counts of the one-call-per-second ramp.")
