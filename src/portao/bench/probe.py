@@ -28,19 +28,29 @@ def listener_pid(port: int) -> int | None:
 
 
 def sample(pid: int | None) -> dict[str, int] | None:
-    """Resident bytes, open files and threads of `pid` (None when it is gone)."""
+    """Resident bytes, open files and threads of `pid` and its children, summed.
+
+    Children count so that `portao gateway --processes N` is measured whole
+    (None when the process is gone).
+    """
     if pid is None:
         return None
+    total = {"rss_bytes": 0, "fds": 0, "threads": 0, "processes": 0}
     try:
-        process = psutil.Process(pid)
-        with process.oneshot():
-            return {
-                "rss_bytes": process.memory_info().rss,
-                "fds": process.num_fds(),
-                "threads": process.num_threads(),
-            }
+        root = psutil.Process(pid)
+        tree = [root, *root.children(recursive=True)]
     except psutil.Error:
         return None
+    for process in tree:
+        try:
+            with process.oneshot():
+                total["rss_bytes"] += process.memory_info().rss
+                total["fds"] += process.num_fds()
+                total["threads"] += process.num_threads()
+                total["processes"] += 1
+        except psutil.Error:
+            continue  # a child that just ended
+    return total
 
 
 def machine() -> dict[str, Any]:
