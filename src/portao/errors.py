@@ -11,7 +11,7 @@
         ├── ConnectionClosed     the gateway said `bye` or the socket closed
         └── RequestError         the gateway answered a request with `error`
 
-Third-party exceptions (redis, aio-pika, websockets) are translated into these at the
+Third-party exceptions (redis, aiormq, websockets) are translated into these at the
 adapter that calls the library; nothing above the adapters catches library errors.
 """
 

@@ -212,6 +212,11 @@ async def test_dead_letters_keep_the_error_and_are_not_redelivered(backend: Back
 
 
 async def test_queue_bound_counts_undelivered_and_pending(backend: Backend) -> None:
+    if backend.name == "amqp":
+        pytest.skip(
+            "RabbitMQ's x-max-length counts ready messages; unacked ones are bounded by "
+            "prefetch (test_amqp.py::test_a_full_queue_refuses_and_takes_again_once_drained covers it)"
+        )
     broker, bound = backend.broker, backend.settings.max_queue_length
     await broker.register_routes(["bounded"])
     for _ in range(bound // 2):

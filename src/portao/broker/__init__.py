@@ -1,4 +1,4 @@
-"""Brokers: the only code that imports redis or aio_pika.
+"""Brokers: the only code that imports redis or aiormq.
 
 `base` holds the protocols every backend implements; `create_broker` picks one by
 URL scheme.
