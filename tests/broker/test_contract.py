@@ -215,7 +215,8 @@ async def test_queue_bound_counts_undelivered_and_pending(backend: Backend) -> N
     if backend.name == "amqp":
         pytest.skip(
             "RabbitMQ's x-max-length counts ready messages; unacked ones are bounded by "
-            "prefetch (test_amqp.py::test_a_full_queue_refuses_and_takes_again_once_drained covers it)"
+            "prefetch (test_amqp.py covers its bound: "
+            "test_a_full_queue_refuses_and_takes_again_once_drained)"
         )
     broker, bound = backend.broker, backend.settings.max_queue_length
     await broker.register_routes(["bounded"])
