@@ -164,6 +164,8 @@ class Supervisor:
             )
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self._stopping.wait(), delay)
+            if self._stopping.is_set():
+                return
             backoff = min(backoff * 2, RESTART_MAX_S)
             self.restarts[index] += 1
 
