@@ -333,11 +333,6 @@ def check_settings(settings: Settings) -> None:
     TokenVerifier.from_settings(settings)
 
 
-def run_supervisor(settings: Settings) -> int:
-    """`portao gateway --processes N`: the exit status."""
-    return uvloop.run(Supervisor(settings).run())
-
-
 def _child_main(settings: Settings, index: int, link: Connection) -> None:
     """Entry point of gateway process `index` (runs in a fresh interpreter)."""
     setup_logging(settings)

@@ -137,3 +137,18 @@ async def test_a_busy_admin_port_is_named(stack_factory: StackFactory) -> None:
         assert await start_admin(settings, registry, ready, required=False) is None
     finally:
         await first.aclose()
+
+
+def test_histogram_buckets_are_cumulative_with_le_semantics() -> None:
+    from portao.admin.histogram import BOUNDS_S, LatencyHistogram
+
+    hist = LatencyHistogram()
+    for seconds in (0.0005, 0.0006, 0.001, 7.0, 99.0):
+        hist.observe(seconds)
+    buckets = dict(hist.cumulative())
+    assert buckets["0.0005"] == 1  # a value on a bound counts in that bucket
+    assert buckets["0.001"] == 3
+    assert buckets["10.0"] == 4
+    assert buckets["+Inf"] == 5
+    assert len(buckets) == len(BOUNDS_S) + 1
+    assert hist.sum == 0.0005 + 0.0006 + 0.001 + 7.0 + 99.0

@@ -27,10 +27,6 @@ class LatencyHistogram:
         self.counts[bisect_left(BOUNDS_S, seconds)] += 1
         self.sum += seconds
 
-    @property
-    def count(self) -> int:
-        return sum(self.counts)
-
     def cumulative(self) -> list[tuple[str, int]]:
         """(`le` label, observations at or below it), ending with `+Inf`."""
         out = []
