@@ -19,6 +19,7 @@ import click
 import uvloop
 from pydantic import SecretStr
 
+from portao.bench.cli import bench
 from portao.config import Settings, env_name, load_settings
 from portao.errors import ConfigError, PortaoError
 from portao.logs import setup_logging
@@ -266,6 +267,8 @@ def settings_reference() -> str:
         )
     return "\n".join(rows)
 
+
+main.add_command(bench)
 
 if __name__ == "__main__":  # pragma: no cover
     main()

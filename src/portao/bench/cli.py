@@ -1,4 +1,4 @@
-"""`portao bench`: the click group (wired into `portao` as `main.add_command(bench)`)."""
+"""`portao bench`: the click group, a subcommand of `portao`."""
 
 from __future__ import annotations
 

@@ -67,15 +67,15 @@ def _commands(kind: str, url: str, redis_url: str) -> list[list[str]]:
     quiet = ["--log-level", "warning"]
     match kind:
         case "bare":
-            return [[*python, "portao.bench", "bare", "--listen", url]]
+            return [[*python, "portao.cli", "bench", "bare", "--listen", url]]
         case "baseline":
-            return [[*python, "portao.bench", "baseline", "--listen", url]]
+            return [[*python, "portao.cli", "bench", "baseline", "--listen", url]]
         case "run" | "run-ws":
             return [[*python, "portao.cli", "run", "--listen", url, *quiet]]
         case "socketio":
             channel = f"bench{uuid.uuid4().hex[:8]}"
-            return [[*python, "portao.bench", "socketio", "--listen", url, "--redis", redis_url,
-                     "--channel", channel]]
+            return [[*python, "portao.cli", "bench", "socketio", "--listen", url,
+                     "--redis", redis_url, "--channel", channel]]
         case "redis" | "redis-ws":
             prefix = ["--broker", redis_url, "--prefix", f"bench{uuid.uuid4().hex[:8]}", *quiet]
             return [

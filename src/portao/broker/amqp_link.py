@@ -166,9 +166,14 @@ class AmqpLink:
             raise BrokerUnavailable("RabbitMQ link is down; reconnecting")
         return self._connection
 
-    async def publisher(self) -> aiormq.abc.AbstractChannel:
-        """The shared channel in confirm mode (many publishes in flight on it)."""
-        return await self._publisher.get(self.connection())
+    async def publisher(self) -> aiormq.Channel:
+        """The shared channel in confirm mode (many publishes in flight on it).
+
+        Typed as the concrete channel: its `basic_publish(wait=False)` is not in the ABC.
+        """
+        channel = await self._publisher.get(self.connection())
+        assert isinstance(channel, aiormq.Channel)
+        return channel
 
     async def admin(self, connection: aiormq.abc.AbstractConnection) -> aiormq.abc.AbstractChannel:
         """The channel for declarations; `connection` lets `on_up` use it while down."""

@@ -1,0 +1,26 @@
+#!/usr/bin/env bash
+# The Redis targets: 1 gateway + 1 worker process, rpc closed loop at 1,000 connections
+# and open loop at 10,000 calls/s offered, each REPEATS times (default 3).
+#
+# Needs Redis on 127.0.0.1:6379. Writes bench/results/redis-*.json.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+repeats="${REPEATS:-3}"
+export PORTAO_JWT_SECRET="bench-$(python -c 'import secrets; print(secrets.token_hex(24))')"
+port=$(python -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])')
+prefix="benchrpc$RANDOM"
+broker=(--broker redis://127.0.0.1:6379/0 --prefix "$prefix" --log-level warning)
+portao gateway --listen "tcp://127.0.0.1:$port" "${broker[@]}" >/dev/null 2>&1 &
+gateway=$!
+portao worker "${broker[@]}" >/dev/null 2>&1 &
+worker=$!
+trap 'kill $gateway $worker 2>/dev/null || true' EXIT
+sleep 3
+for i in $(seq 1 "$repeats"); do
+  portao bench rpc --target "tcp://127.0.0.1:$port" -c 1000 -p 2 -d 10 \
+    --json "bench/results/redis-closed-$i.json" | grep -E "calls/s|p99"
+  portao bench rpc --target "tcp://127.0.0.1:$port" -c 1000 -p 2 -d 10 --depth 8 \
+    --json "bench/results/redis-closed-depth8-$i.json" | grep -E "calls/s|p99"
+  portao bench rpc --target "tcp://127.0.0.1:$port" -c 1000 -p 2 -d 10 --rate 10000 \
+    --json "bench/results/redis-open-10k-$i.json" | grep -E "calls/s|p99"
+done
