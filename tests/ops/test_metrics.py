@@ -56,6 +56,8 @@ async def test_metrics_move_with_traffic(admin: tuple[Stack, str]) -> None:
     assert failed["code"] == "handler_error"
     missing = await alice.request({"op": "call", "id": "u", "route": "nope", "data": None})
     assert missing["code"] == "unknown_route"
+    bad = await alice.request({"op": "call", "id": "b", "route": "echo"})  # no data
+    assert bad["code"] == "bad_request"
     await bob.aclose()
     await eventually(lambda: stack.gateway.stats.closed == 1)
     await eventually(lambda: stack.worker.stats.handled == 4)  # the send may finish after its ack
@@ -72,6 +74,7 @@ async def test_metrics_move_with_traffic(admin: tuple[Stack, str]) -> None:
     assert m.value("portao_gateway_messages_out_total", op="ack", route="") == 1
     assert m.value("portao_gateway_errors_total", code="handler_error") == 1
     assert m.value("portao_gateway_errors_total", code="unknown_route") == 1
+    assert m.value("portao_gateway_errors_total", code="bad_request") == 1  # the session's
     assert m.value("portao_gateway_broker_publish_failures_total") == 1
     assert m.value("portao_gateway_pending_calls") == 0
     # four calls answered by a worker; five publishes accepted by the broker

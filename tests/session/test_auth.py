@@ -372,9 +372,13 @@ def test_from_settings_without_a_key_is_a_config_error(
         TokenVerifier.from_settings(make_settings(jwt_secret=None))
     with pytest.raises(ConfigError, match="jwt_public_key_file"):
         TokenVerifier.from_settings(make_settings(jwt_algorithm="ES256"))
-    missing = make_settings(jwt_algorithm="ES256", jwt_public_key_file=tmp_path / "nope")
-    with pytest.raises(ConfigError, match="jwt_public_key_file"):
-        TokenVerifier.from_settings(missing)
+    # The settings refuse a missing file; one removed after they were read is caught here.
+    key_file = tmp_path / "key.pem"
+    key_file.write_text("placeholder")
+    removed = make_settings(jwt_algorithm="ES256", jwt_public_key_file=key_file)
+    key_file.unlink()
+    with pytest.raises(ConfigError, match="jwt_public_key_file: cannot read the key file"):
+        TokenVerifier.from_settings(removed)
 
 
 def test_private_key_on_a_verifier_is_a_config_error(

@@ -69,9 +69,10 @@ class GatewayCollector(Collector):
             stats.messages_out,
         )
         yield _counter_by(
-            "portao_gateway_errors", "Errors the gateway answered after the session accepted "
-            "the request (unavailable, overloaded, unknown_route, timeout, handler_error, "
-            "shutdown), by code.", "code", stats.errors,
+            "portao_gateway_errors", "Error messages sent to clients, by code: the session's "
+            "(bad_request, rate_limited, unauthorized, …) and the broker's or workers' "
+            "(unavailable, overloaded, unknown_route, timeout, handler_error, shutdown). "
+            "A `bye` is counted in connections_closed instead.", "code", stats.errors,
         )
         yield _gauge("portao_gateway_pending_calls", "Calls waiting for a worker's answer.",
                      len(gw.pending))

@@ -167,7 +167,9 @@ class ClientConnection(asyncio.Protocol):
         gateway = self._gateway
         for action in actions:
             match action:
-                case SendPayload(payload=payload):
+                case SendPayload(payload=payload, error=error):
+                    if error is not None:
+                        gateway.stats.count_error(error.value)
                     self.send_payload(payload)
                 case Publish():
                     gateway.publish(self, action)

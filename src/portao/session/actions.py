@@ -15,9 +15,10 @@ from portao.wire.events import RequestId
 
 @dataclass(frozen=True, slots=True)
 class SendPayload:
-    """Write one gateway message to the client."""
+    """Write one gateway message to the client; `error` names it when it is one (metrics)."""
 
     payload: bytes = field(repr=False)
+    error: ErrorCode | None = None
 
 
 @dataclass(frozen=True, slots=True)

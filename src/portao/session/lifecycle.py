@@ -138,7 +138,7 @@ class Session:
         if isinstance(event, FrameError):
             if event.fatal:
                 return self._close(event.code, event.message)
-            return [SendPayload(wire.encode_error(event.code, event.message))]
+            return [self._error(event.code, event.message, None)]
         bucket = self._bucket
         # Checked before taking: right after a take the bucket is never full.
         if self._rate_limited and bucket.is_full(now):
@@ -152,9 +152,7 @@ class Session:
             self._rate_limited = True
             request_id = wire.decode_message(event.payload).id
             return [
-                SendPayload(
-                    wire.encode_error(ErrorCode.RATE_LIMITED, "rate limit exceeded", request_id)
-                ),
+                self._error(ErrorCode.RATE_LIMITED, "rate limit exceeded", request_id),
                 PauseReading(bucket.next_token_at(now)),
             ]
         return self.receive_message(wire.decode_message(event.payload), now)
@@ -165,7 +163,7 @@ class Session:
             return []
         match message:
             case BadMessage(code=code, message=text, id=request_id):
-                return [SendPayload(wire.encode_error(code, text, request_id))]
+                return [self._error(code, text, request_id)]
             case Ping(id=request_id):
                 return [SendPayload(wire.encode_pong(request_id))]
             case Auth():
@@ -220,13 +218,8 @@ class Session:
         pending = self._pending
         if pending.has_client_id(self.conn, message.id):
             # No id: the answer must not be mistaken for the pending call's.
-            return [
-                SendPayload(
-                    wire.encode_error(
-                        ErrorCode.BAD_REQUEST, f"call id {message.id!r} is already pending"
-                    )
-                )
-            ]
+            text = f"call id {message.id!r} is already pending"
+            return [self._error(ErrorCode.BAD_REQUEST, text, None)]
         if pending.count(self.conn) >= self._limits.max_pending_calls:
             return [self._error(ErrorCode.OVERLOADED, "too many pending calls", message.id)]
         deadline = now + self._limits.call_timeout_s
@@ -306,5 +299,5 @@ class Session:
 
     @staticmethod
     def _error(code: ErrorCode, message: str, request_id: RequestId | None) -> SendPayload:
-        return SendPayload(wire.encode_error(code, message, request_id))
+        return SendPayload(wire.encode_error(code, message, request_id), error=code)
 
