@@ -9,6 +9,7 @@ import socket
 import subprocess
 import sys
 import time
+import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -84,6 +85,24 @@ def run_process() -> Iterator[tuple[subprocess.Popen[str], int, list[str]]]:
             if proc.poll() is None:
                 proc.kill()
             proc.wait(timeout=10)
+
+
+def test_run_prints_a_chat_page_link_that_carries_alices_token() -> None:
+    admin = free_port()
+    env = {k: v for k, v in os.environ.items() if not k.startswith("PORTAO_")}
+    command = [*PORTAO, "run", "--listen", f"tcp://127.0.0.1:{free_port()}",
+               "--admin", f"127.0.0.1:{admin}"]
+    with subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL,
+                          text=True, env=env) as proc:
+        try:
+            assert proc.stdout is not None
+            lines = [proc.stdout.readline().strip() for _ in range(3)]
+            assert lines[2] == f"http://127.0.0.1:{admin}/?token={lines[1]}"
+            with urllib.request.urlopen(lines[2], timeout=5) as page:
+                assert b"new URLSearchParams(location.search)" in page.read()
+        finally:
+            proc.terminate()
+            assert proc.wait(timeout=20) == 0
 
 
 def test_run_prints_secret_and_token_then_two_users_chat(

@@ -118,12 +118,11 @@ def run(app: str, config_file: Path | None, **flags: Any) -> None:
     def banner(gateway: Any, admin: Any) -> None:
         addrs = ", ".join(f"{s.url}" for s in gateway.specs)
         click.echo(f"portao run: app {app} listening on {addrs}", err=True)
+        page = None
         if admin is not None:
             host = settings.admin_address[0] if settings.admin_address else "127.0.0.1"
-            click.echo(
-                f"admin (chat page, /metrics, /healthz, /readyz): http://{host}:{admin.port}/",
-                err=True,
-            )
+            page = f"http://{host}:{admin.port}/"
+            click.echo(f"admin (chat page, /metrics, /healthz, /readyz): {page}", err=True)
         if generated is not None:
             token = mint_token(generated, "alice", rooms=["*"], ttl_s=86400, now=time.time())
             click.echo("development secret (generated; shown only here):", err=True)
@@ -134,6 +133,9 @@ def run(app: str, config_file: Path | None, **flags: Any) -> None:
                 err=True,
             )
             click.echo(token)
+            if page is not None:
+                click.echo("the chat page as alice:", err=True)
+                click.echo(f"{page}?token={token}")
         sys.stdout.flush()
 
     _run(serve_embedded(settings, application, admin_required=admin_required, on_ready=banner))
