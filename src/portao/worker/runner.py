@@ -24,7 +24,7 @@ from portao.admin.histogram import LatencyHistogram
 from portao.broker.base import Broker, Delivery, StateStore
 from portao.config import Settings
 from portao.envelope import Envelope, ErrorReply, Reply
-from portao.errors import BrokerError, ConfigError, ErrorCode
+from portao.errors import BrokerError, BrokerUnavailable, ConfigError, ErrorCode
 from portao.worker.app import App
 from portao.worker.context import Context, encode_json
 
@@ -272,6 +272,10 @@ class Worker:
             try:
                 reply = await self._attempt(env, attempt)
                 break
+            except BrokerUnavailable:
+                # The broker failed under the handler (ctx.once, a push…): not the
+                # handler's fault, so no attempt spent; the message is released.
+                raise
             except Exception as exc:
                 self.stats.failed_attempts += 1
                 log.warning(
