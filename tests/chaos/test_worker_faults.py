@@ -12,11 +12,13 @@ from pathlib import Path
 
 import pytest
 
+from tests.broker.backend_redis import SHARED_URL
+from tests.chaos.cluster import IN_HAND, freeze_worker, kill_worker
 from tests.chaos.conftest import ClusterFactory
 from tests.chaos.fleet import Fleet, run_for, served
 from tests.conftest import IN_CI
 
-pytestmark = pytest.mark.redis
+pytestmark = [pytest.mark.redis, pytest.mark.slow]
 
 LIBFAKETIME = Path("/usr/lib/x86_64-linux-gnu/faketime/libfaketime.so.1")
 
@@ -27,16 +29,25 @@ async def test_worker_sigkill_loses_nothing(cluster_factory: ClusterFactory) -> 
     victim, _ = cluster.worker(), cluster.worker()
     await served(gateway.url)
     async with Fleet(cluster.urls, size=20, sleep_s=0.2) as fleet:
-
-        async def fault() -> None:
-            await victim.wait_for("portao_worker_in_flight", 3)
-            victim.process.send_signal(signal.SIGKILL)
-            await asyncio.sleep(2.5)  # the survivor reclaims after the visibility timeout
-
-        await run_for(fleet, fault())
+        await run_for(fleet, kill_worker(fleet, victim))
     assert victim.process.wait(5) == -signal.SIGKILL
     # A killed worker may die between taking a once-key and the effect it guards.
-    await cluster.account(fleet, "worker SIGKILL", worker_deaths=100)
+    await cluster.account(fleet, "worker SIGKILL", orphaned_keys=IN_HAND)
+
+
+@pytest.mark.amqp
+async def test_worker_sigkill_on_rabbitmq_loses_nothing(
+    cluster_factory: ClusterFactory, amqp_broker: str
+) -> None:
+    """The same on RabbitMQ (the once-keys in Redis): the broker requeues at once."""
+    cluster = cluster_factory(amqp_broker, state=SHARED_URL)
+    gateway = cluster.gateway()
+    victim, _ = cluster.worker(), cluster.worker()
+    await served(gateway.url)
+    async with Fleet(cluster.urls, size=20, sleep_s=0.2) as fleet:
+        await run_for(fleet, kill_worker(fleet, victim))
+    assert victim.process.wait(5) == -signal.SIGKILL
+    await cluster.account(fleet, "worker SIGKILL, RabbitMQ", orphaned_keys=IN_HAND)
 
 
 async def test_worker_sigstop_then_sigcont(cluster_factory: ClusterFactory) -> None:
@@ -45,16 +56,7 @@ async def test_worker_sigstop_then_sigcont(cluster_factory: ClusterFactory) -> N
     frozen, _ = cluster.worker(), cluster.worker()
     await served(gateway.url)
     async with Fleet(cluster.urls, size=20, sleep_s=0.2) as fleet:
-
-        async def fault() -> None:
-            await frozen.wait_for("portao_worker_in_flight", 3)
-            frozen.process.send_signal(signal.SIGSTOP)
-            await asyncio.sleep(3.0)  # three visibility timeouts: its messages move on
-            frozen.process.send_signal(signal.SIGCONT)
-            await frozen.wait_for("portao_worker_handled_total", 1)
-            await asyncio.sleep(1.0)
-
-        await run_for(fleet, fault())
+        await run_for(fleet, freeze_worker(fleet, frozen))
     tally = await cluster.account(fleet, "worker SIGSTOP 3 s, SIGCONT")
     lost_claims = int(await frozen.value("portao_worker_lost_claims_total"))
     tally.notes["results dropped by the thawed worker"] += lost_claims
