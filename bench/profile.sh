@@ -3,6 +3,7 @@
 #
 #   bench/profile.sh run            # portao run (memory broker)
 #   bench/profile.sh redis          # portao gateway + worker over Redis: profiles both
+#   RPC_ARGS="--rate 10000" bench/profile.sh redis   # other load (default: closed loop, depth 1)
 #
 # Needs: pip install -e '.[bench]' py-spy; Redis on 127.0.0.1:6379 for `redis`.
 # Writes bench/results/profile-<target>-<process>.raw and prints the summaries.
@@ -32,7 +33,8 @@ case "$target" in
   *) echo "usage: $0 run|redis" >&2; exit 2 ;;
 esac
 sleep 3
-portao bench rpc --target "tcp://127.0.0.1:$port" -c 1000 -p 2 --depth 4 \
+# shellcheck disable=SC2086  # RPC_ARGS is a list of options
+portao bench rpc --target "tcp://127.0.0.1:$port" -c 1000 -p 2 ${RPC_ARGS:-} \
   -d $((seconds + 6)) > "bench/results/profile-$target-rpc.txt" 2>/dev/null &
 load=$!
 sleep 4

@@ -1,6 +1,8 @@
 #!/usr/bin/env bash
 # The Redis targets: 1 gateway + 1 worker process, rpc closed loop at 1,000 connections
-# and open loop at 10,000 calls/s offered, each REPEATS times (default 3).
+# and open loop at 10,000 calls/s offered, each REPEATS times (default 3), with the CPU
+# each process spent per 1,000 calls (bench/cpu_per_call.py: steadier than calls/s on
+# a shared machine).
 #
 # Needs Redis on 127.0.0.1:6379. Writes bench/results/redis-*.json.
 set -euo pipefail
@@ -16,11 +18,17 @@ portao worker "${broker[@]}" >/dev/null 2>&1 &
 worker=$!
 trap 'kill $gateway $worker 2>/dev/null || true' EXIT
 sleep 3
+redis=$(redis-cli info server | sed -n 's/^process_id:\([0-9]*\).*/\1/p')
+rpc() {
+  local name=$1
+  shift
+  printf '%-22s ' "$name"
+  python bench/cpu_per_call.py gateway=$gateway worker=$worker redis=$redis -- \
+    portao bench rpc --target "tcp://127.0.0.1:$port" -c 1000 -p 2 -d 10 "$@" \
+    --json "bench/results/redis-$name.json"
+}
 for i in $(seq 1 "$repeats"); do
-  portao bench rpc --target "tcp://127.0.0.1:$port" -c 1000 -p 2 -d 10 \
-    --json "bench/results/redis-closed-$i.json" | grep -E "calls/s|p99"
-  portao bench rpc --target "tcp://127.0.0.1:$port" -c 1000 -p 2 -d 10 --depth 8 \
-    --json "bench/results/redis-closed-depth8-$i.json" | grep -E "calls/s|p99"
-  portao bench rpc --target "tcp://127.0.0.1:$port" -c 1000 -p 2 -d 10 --rate 10000 \
-    --json "bench/results/redis-open-10k-$i.json" | grep -E "calls/s|p99"
+  rpc "closed-$i"
+  rpc "closed-depth8-$i" --depth 8
+  rpc "open-10k-$i" --rate 10000
 done

@@ -406,7 +406,8 @@ class RedisBroker:
             "XRANGE", self._keys.dead_letters(route), "-", "+", "COUNT", max(1, limit)
         )
         out: list[DeadLetter] = []
-        for _, fields in entries:
+        for _, flat in entries:
+            fields = dict(zip(flat[::2], flat[1::2], strict=True))
             try:
                 envelope = decode_envelope(fields.get(ENVELOPE_FIELD, b""))
             except EnvelopeError:

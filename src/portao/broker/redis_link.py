@@ -8,8 +8,10 @@
   succeeds. Readiness changes are logged on "portao.broker".
 - Short commands go through one flusher: whatever an event-loop turn queued is sent
   as one pipeline (no round trip per publish or reply), each caller's future
-  resolved with its own reply. A script the server lost (NOSCRIPT: it did not run)
-  is loaded and run again.
+  resolved with its own raw reply (bytes, integers, lists: no redis-py response
+  callbacks). The flusher has a connection of its own that bypasses redis-py
+  (`redis_resp`): this is the hot path. A script the server lost (NOSCRIPT: it did
+  not run) is loaded and run again.
 
 redis exceptions are translated here, and only here, into `BrokerError`s.
 """
@@ -31,8 +33,9 @@ from redis.asyncio import Redis
 from redis.asyncio.connection import ConnectionPool, parse_url
 from redis.asyncio.retry import Retry
 from redis.backoff import NoBackoff
-from redis.exceptions import NoScriptError, RedisError, ResponseError
+from redis.exceptions import RedisError, ResponseError
 
+from portao.broker.redis_resp import ReplyError, RespConnection
 from portao.broker.redis_scripts import Script
 from portao.errors import BrokerError, BrokerUnavailable, ConfigError
 
@@ -101,6 +104,7 @@ class RedisLink:
         self._tasks: list[asyncio.Task[None]] = []
         self._outbox: deque[_Command] = deque()
         self._outbox_event = asyncio.Event()
+        self._pipe: RespConnection | None = None  # the flusher's own connection
 
     @property
     def is_open(self) -> bool:
@@ -141,6 +145,7 @@ class RedisLink:
         await asyncio.gather(*tasks, return_exceptions=True)
         while self._outbox:
             _fail(self._outbox.popleft().future, BrokerUnavailable("redis broker closed"))
+        self._drop_pipe()
         for close in (client.aclose, client.connection_pool.disconnect):
             with contextlib.suppress(RedisError, OSError):
                 await close()
@@ -269,7 +274,7 @@ class RedisLink:
         """Send a batch as one pipeline; a script the server lost is loaded and rerun."""
         try:
             results = await self._pipeline(batch)
-            missing = [i for i, result in enumerate(results) if isinstance(result, NoScriptError)]
+            missing = [i for i, result in enumerate(results) if _is_noscript(result)]
             if missing:
                 # NOSCRIPT: the script did not run, so running it again is safe.
                 for script in {batch[i].script for i in missing}:
@@ -292,18 +297,34 @@ class RedisLink:
                 command.future.set_result(result)
 
     async def _pipeline(self, batch: list[_Command]) -> list[Any]:
-        async def send(client: Any) -> Any:
-            pipe = client.pipeline(transaction=False)
-            for command in batch:
-                pipe.execute_command(*command.args)
-            return await pipe.execute(raise_on_error=False)
+        """Send a batch on the flusher's connection (opened on demand); raw replies."""
+        self.check_ready()
+        try:
+            async with asyncio.timeout(self.timeout_s):
+                pipe = self._pipe
+                if pipe is None or not pipe.is_open:
+                    pipe = self._pipe = await RespConnection.open(
+                        self._options, self.client.connection_pool.make_connection()
+                    )
+                return await pipe.execute([command.args for command in batch])
+        except (OSError, TimeoutError) as exc:
+            # Replies still owed would answer the next batch: this connection is done.
+            self._drop_pipe()
+            self._link_down(exc)
+            raise BrokerUnavailable(f"redis at {self.where}: {_reason(exc)}") from None
 
-        results: list[Any] = await self.run(send, self.timeout_s)
-        return results
+    def _drop_pipe(self) -> None:
+        if self._pipe is not None:
+            self._pipe.close()
+            self._pipe = None
 
 
 async def _load(source: str, client: Any) -> Any:
     return await client.script_load(source)
+
+
+def _is_noscript(reply: Any) -> bool:
+    return isinstance(reply, ReplyError) and str(reply).startswith("NOSCRIPT")
 
 
 def _fail(future: asyncio.Future[Any], error: BrokerError) -> None:
