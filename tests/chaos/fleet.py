@@ -36,7 +36,7 @@ from typing import Any, Literal
 from redis.asyncio import Redis
 
 from portao.broker.redis_keys import ENVELOPE_FIELD, Keys
-from portao.client import Client, connect
+from portao.client import Backoff, Client, connect
 from portao.envelope import decode_envelope
 from portao.errors import ConnectionClosed, RequestError
 from portao.session.auth import mint_token
@@ -100,13 +100,19 @@ async def served(url: str, route: str = "echo", timeout_s: float = 30.0) -> None
 
 
 class _Member:
-    """One connection of the fleet, dialled on the next URL when its gateway dies."""
+    """One connection of the fleet.
+
+    On one URL the client re-dials by itself (`reconnect=True`). With several, a
+    member whose gateway died dials the next URL, with the client's own backoff
+    between failed dials: that is how a `portao.client` user fails over.
+    """
 
     def __init__(self, fleet: Fleet, index: int) -> None:
         self.fleet = fleet
         self.index = index
         self.user = f"fleet{index}"
         self.url_index = index % len(fleet.urls)
+        self.failover = len(fleet.urls) > 1
         self.client: Client | None = None
         self.collector: asyncio.Task[None] | None = None
         self.successes = 0  # requests answered `reply` or `ack`
@@ -115,19 +121,20 @@ class _Member:
     async def dial(self, timeout_s: float = 20.0) -> None:
         """Connect to the current URL, or to the next ones in turn (bounded)."""
         urls = self.fleet.urls
+        backoff = Backoff()
         deadline = time.monotonic() + timeout_s
         while True:
             url = urls[self.url_index]
             try:
                 self.client = await connect(
-                    url, token=token(self.user), reconnect=True, connect_timeout_s=2.0,
-                    request_timeout_s=self.fleet.request_timeout_s,
+                    url, token=token(self.user), reconnect=not self.failover,
+                    connect_timeout_s=2.0, request_timeout_s=self.fleet.request_timeout_s,
                 )  # fmt: skip
             except (OSError, TimeoutError, ConnectionClosed):
                 if time.monotonic() > deadline:
                     raise
                 self.url_index = (self.url_index + 1) % len(urls)
-                await asyncio.sleep(0.1)
+                await asyncio.sleep(backoff.next_delay_s())
                 continue
             self.collector = asyncio.create_task(self._collect(self.client))
             return
@@ -145,18 +152,12 @@ class _Member:
             await self.collector
 
     async def request(self, entry: Entry, data: dict[str, Any]) -> None:
-        async with self.moving:
-            client = self.client
-        assert client is not None
+        client = await self._client()
         message = {"op": entry.kind, "id": entry.key, "route": self.fleet.route, "data": data}
         try:
             answer = await client.request_raw(message, timeout_s=self.fleet.request_timeout_s)
         except ConnectionClosed:
             entry.died = True
-            if len(self.fleet.urls) > 1:
-                # Its gateway is gone: go to the next one (the client alone would
-                # redial this URL for ever).
-                await self._move_on(client)
             return
         except TimeoutError:
             entry.timed_out = True
@@ -165,14 +166,15 @@ class _Member:
         if answer.get("op") in ("reply", "ack"):
             self.successes += 1
 
-    async def _move_on(self, dead: Client) -> None:
-        """Dial the next URL, once per dead client (other lanes wait for it)."""
+    async def _client(self) -> Client:
+        """The member's client; a closed one (its gateway died) is replaced first."""
         async with self.moving:
-            if self.client is not dead:
-                return
-            self.url_index = (self.url_index + 1) % len(self.fleet.urls)
-            await self.hang_up()
-            await self.dial()
+            if self.failover and self.client is not None and self.client.is_closed:
+                self.url_index = (self.url_index + 1) % len(self.fleet.urls)
+                await self.hang_up()
+                await self.dial()
+            assert self.client is not None
+            return self.client
 
 
 class Fleet:
@@ -234,8 +236,9 @@ class Fleet:
             if stop.is_set():
                 return
             key = f"{member.index}-{lane}-{n}"
-            # Half the members start with a send: calls and sends are both in flight at once.
-            kind: Literal["call", "send"] = "call" if (n + member.index) % 2 == 0 else "send"
+            # Half the members start with a send (half of each gateway's, with two):
+            # calls and sends are in flight together when a fault strikes.
+            kind: Literal["call", "send"] = "call" if (n + member.index // 2) % 2 == 0 else "send"
             entry = self.ledger.open(key, kind)
             await member.request(entry, {**data, "key": key})
             with contextlib.suppress(TimeoutError):
@@ -386,8 +389,7 @@ def _outcomes(
     """Check one entry; yield the labels it is counted under in the notes."""
     if entry.timed_out:
         yield "client timeout"
-        if entry.kind == "call":
-            tally.fail("lost", entry, "the gateway never answered, its connection alive")
+        tally.fail("lost", entry, "the gateway never answered, its connection alive")
         return
     if entry.died:
         yield f"{entry.kind} on a dead connection"
