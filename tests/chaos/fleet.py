@@ -43,6 +43,8 @@ from portao.session.auth import mint_token
 from tests.apps.chaos import record_key
 from tests.procs import SECRET
 
+#: The note of a request whose handler ran more than once (the fault hit it in hand).
+REDELIVERED = "ran again"
 #: The note of an acked send whose once-key was orphaned (see the module docstring).
 ORPHANED = "once-key orphaned, effect skipped"
 #: Rows of the report printed at the end of the run (tests/chaos/conftest.py).
@@ -368,6 +370,8 @@ def judge(
             tally.fail("doubled", entry, f"{len(entry.answers)} answers: {entry.answers[:3]}")
         if effects > 1:
             tally.fail("doubled", entry, f"effect ran {effects} times")
+        if runs > 1:
+            tally.notes[REDELIVERED] += 1
         for outcome in _outcomes(entry, runs, effects, records, allowed_errors, tally):
             tally.notes[outcome] += 1
     orphaned = tally.notes[ORPHANED]

@@ -15,7 +15,7 @@ import pytest
 from tests.broker.backend_redis import SHARED_URL
 from tests.chaos.cluster import IN_HAND, freeze_worker, kill_worker
 from tests.chaos.conftest import ClusterFactory
-from tests.chaos.fleet import Fleet, run_for, served
+from tests.chaos.fleet import REDELIVERED, Fleet, run_for, served
 from tests.conftest import IN_CI
 
 pytestmark = [pytest.mark.redis, pytest.mark.slow]
@@ -32,7 +32,8 @@ async def test_worker_sigkill_loses_nothing(cluster_factory: ClusterFactory) -> 
         await run_for(fleet, kill_worker(fleet, victim))
     assert victim.process.wait(5) == -signal.SIGKILL
     # A killed worker may die between taking a once-key and the effect it guards.
-    await cluster.account(fleet, "worker SIGKILL", orphaned_keys=IN_HAND)
+    tally = await cluster.account(fleet, "worker SIGKILL", orphaned_keys=IN_HAND)
+    assert tally.notes[REDELIVERED] >= 3, "the kill caught no message in hand"
 
 
 @pytest.mark.amqp
@@ -47,7 +48,8 @@ async def test_worker_sigkill_on_rabbitmq_loses_nothing(
     async with Fleet(cluster.urls, size=20, sleep_s=0.2) as fleet:
         await run_for(fleet, kill_worker(fleet, victim))
     assert victim.process.wait(5) == -signal.SIGKILL
-    await cluster.account(fleet, "worker SIGKILL, RabbitMQ", orphaned_keys=IN_HAND)
+    tally = await cluster.account(fleet, "worker SIGKILL, RabbitMQ", orphaned_keys=IN_HAND)
+    assert tally.notes[REDELIVERED] >= 3, "the kill caught no message in hand"
 
 
 async def test_worker_sigstop_then_sigcont(cluster_factory: ClusterFactory) -> None:
@@ -58,6 +60,7 @@ async def test_worker_sigstop_then_sigcont(cluster_factory: ClusterFactory) -> N
     async with Fleet(cluster.urls, size=20, sleep_s=0.2) as fleet:
         await run_for(fleet, freeze_worker(fleet, frozen))
     tally = await cluster.account(fleet, "worker SIGSTOP 3 s, SIGCONT")
+    assert tally.notes[REDELIVERED] >= 3, "the freeze caught no message in hand"
     lost_claims = int(await frozen.value("portao_worker_lost_claims_total"))
     tally.notes["results dropped by the thawed worker"] += lost_claims
 
