@@ -252,8 +252,11 @@ async def drop_broker_connections(fleet: Fleet, cluster: Cluster, times: int = 3
     try:
         for _ in range(times):
             await _busy(fleet, cluster)
+            killed = 0
             for kind in ("normal", "pubsub"):
-                await admin.client_kill_filter(_type=kind, skipme=True)
+                killed += await admin.client_kill_filter(_type=kind, skipme=True)
+            # Every process holds one at least: its blocking read (inbox, fetch).
+            assert killed >= len(cluster.live), f"{killed} connections killed"
             await cluster.ready()
             await fleet.recovers()
     finally:
