@@ -86,14 +86,25 @@ class Consumer:
         self._unacked: set[int] = set()
         self._claims: dict[int, float] = {}  # tag -> loop time the claim lapses
         self._buffer: asyncio.Queue[Received] = asyncio.Queue()
+        self._settled = asyncio.Event()  # set while no start is in progress
+        self._settled.set()
 
     async def start(self, connection: aiormq.abc.AbstractConnection) -> None:
         """Consume every queue on a fresh channel (first start, or after a reconnect).
 
         The channel counts as this consumer's only once every queue is consumed: a
         queue that cannot be (a quorum queue with no leader) fails this start with
-        `BrokerUnavailable`, and closing the half-made channel is no link loss.
+        `BrokerUnavailable`, and closing the half-made channel is no link loss. A
+        queue with a backlog delivers as soon as it is consumed: those deliveries
+        wait in the buffer until the start ended (see `take`).
         """
+        self._settled.clear()
+        try:
+            await self._start(connection)
+        finally:
+            self._settled.set()
+
+    async def _start(self, connection: aiormq.abc.AbstractConnection) -> None:
         self._consuming = set()
         self._unacked = set()
         self._claims = {}
@@ -152,17 +163,29 @@ class Consumer:
         return handle.channel is self._channel and not handle.channel.is_closed
 
     async def take(self, max_count: int, timeout_s: float) -> list[Received]:
-        """Up to `max_count` live deliveries, waiting up to `timeout_s` for the first."""
+        """Up to `max_count` live deliveries, waiting up to `timeout_s` for the first.
+
+        Nothing is judged live or stale while a start is in progress: the deliveries
+        of the channel being started would look stale, and dropped unacked they
+        would stall the channel for good. They are handed out once it ended (on a
+        reconnect, in the turn the link is reported up, so their replies go out).
+        """
         taken: list[Received] = []
-        self._drain(taken, max_count)
-        if not taken:
-            try:
-                async with asyncio.timeout(timeout_s):
-                    while not taken:
-                        self._keep_if_live(taken, await self._buffer.get())
-            except TimeoutError:
-                return []
-            self._drain(taken, max_count)
+        held: Received | None = None
+        try:
+            async with asyncio.timeout(timeout_s):
+                while not taken:
+                    await self._settled.wait()
+                    if held is not None:
+                        self._keep_if_live(taken, held)
+                        held = None
+                    self._drain(taken, max_count)
+                    if not taken:
+                        held = await self._buffer.get()
+        except TimeoutError:
+            if held is not None:  # not judged yet: the next take does
+                self._buffer.put_nowait(held)
+            return []
         self.extend(r.handle for r in taken)
         return taken
 
