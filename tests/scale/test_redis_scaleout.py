@@ -2,7 +2,8 @@
 
 Issue 3's scale-out tests: two gateways and two workers serve one room;
 10,000 calls survive a worker killed with SIGKILL; a killed gateway's users
-leave presence.
+leave presence. The first two scenarios take the processes' settings, so the
+RabbitMQ scale tests (`test_amqp_scaleout`) run them too.
 """
 
 from __future__ import annotations
@@ -12,7 +13,8 @@ import random
 import signal
 import time
 from collections import Counter
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable, Callable
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import pytest
@@ -27,6 +29,7 @@ from tests.procs import SECRET, free_port, processes, wait_exit
 pytestmark = pytest.mark.redis
 
 APP = "tests.apps.scale:app"
+BROKER = f"redis://{REDIS_HOST}:{REDIS_PORT}/0"
 
 
 @pytest.fixture(autouse=True)
@@ -59,8 +62,12 @@ async def until_served(c: Client, timeout_s: float = 20.0) -> None:
 
 
 async def test_two_gateways_two_workers_chat(tmp_path: Path, prefix: str) -> None:
-    broker = f"redis://{REDIS_HOST}:{REDIS_PORT}/0"
-    with processes(tmp_path, broker=broker, prefix=prefix) as procs:
+    await chat_across_gateways(tmp_path, broker=BROKER, prefix=prefix)
+
+
+async def chat_across_gateways(tmp_path: Path, **settings: str) -> None:
+    """Users on two gateways chat in one room served by two workers."""
+    with processes(tmp_path, **settings) as procs:
         ports = [free_port(), free_port()]
         for i, port in enumerate(ports):
             procs.gateway(port, name=f"gateway{i}")
@@ -94,12 +101,56 @@ async def test_two_gateways_two_workers_chat(tmp_path: Path, prefix: str) -> Non
             await bob.aclose()
 
 
+@dataclass
+class Calls:
+    """How concurrent `work` calls ended, counted by the test, call by call."""
+
+    answers: Counter[str] = field(default_factory=Counter)  # call key -> replies and errors
+    wrong: list[tuple[str, object]] = field(default_factory=list)  # replies with other data
+    errors: Counter[str] = field(default_factory=Counter)  # error code -> calls
+    answered: asyncio.Event = field(default_factory=asyncio.Event)  # set at every answer
+
+    async def until_answered(self, count: int) -> None:
+        while len(self.answers) < count:
+            self.answered.clear()
+            await self.answered.wait()
+
+
+async def many_calls(
+    clients: list[Client], each: int, disturb: Callable[[Calls], Awaitable[None]]
+) -> Calls:
+    """`each` concurrent calls on every client while `disturb(calls)` runs."""
+    calls = Calls()
+
+    async def one(c: Client, key: str) -> None:
+        data = {"key": key, "sleep": 0.002}
+        try:
+            reply = await c.call("work", data, timeout_s=90)
+        except RequestError as exc:
+            calls.errors[exc.code] += 1
+        else:
+            if reply != data:
+                calls.wrong.append((key, reply))
+        calls.answers[key] += 1
+        calls.answered.set()
+
+    await asyncio.gather(
+        disturb(calls), *(one(c, f"{i}:{n}") for i, c in enumerate(clients) for n in range(each))
+    )
+    return calls
+
+
 async def test_ten_thousand_calls_survive_a_killed_worker(tmp_path: Path, prefix: str) -> None:
-    broker = f"redis://{REDIS_HOST}:{REDIS_PORT}/0"
-    with processes(
-        tmp_path, broker=broker, prefix=prefix, visibility_timeout_s="1", heartbeat_s="1",
+    await calls_survive_a_killed_worker(
+        tmp_path, broker=BROKER, prefix=prefix, visibility_timeout_s="1", heartbeat_s="1",
         call_timeout_s="60",
-    ) as procs:
+    )
+
+
+async def calls_survive_a_killed_worker(tmp_path: Path, **settings: str) -> None:
+    """10,000 calls over two gateways; a worker in the midst of them is SIGKILLed and a
+    new one started: every call is answered exactly once, with its own data."""
+    with processes(tmp_path, **settings) as procs:
         ports = [free_port(), free_port()]
         for i, port in enumerate(ports):
             procs.gateway(port, name=f"gateway{i}")
@@ -107,40 +158,29 @@ async def test_ten_thousand_calls_survive_a_killed_worker(tmp_path: Path, prefix
         procs.worker(APP, name="survivor")
         clients = [await client(ports[i % 2], f"user{i}") for i in range(200)]
         await until_served(clients[0])
-        answers: Counter[str] = Counter()
-        wrong: list[tuple[str, object]] = []
 
-        async def run(c: Client, index: int) -> None:
-            async def one(n: int) -> None:
-                key = f"{index}:{n}"
-                reply = await c.call("work", {"key": key, "sleep": 0.002}, timeout_s=90)
-                answers[key] += 1
-                if reply != {"key": key, "sleep": 0.002}:
-                    wrong.append((key, reply))
-
-            await asyncio.gather(*(one(n) for n in range(50)))
-
-        async def killer() -> None:
-            await asyncio.sleep(1.0)
+        async def killer(calls: Calls) -> None:
+            # Killed in the midst: both workers busy, thousands of calls still queued.
+            await calls.until_answered(1000)
             victim.send_signal(signal.SIGKILL)
             await asyncio.sleep(0.5)
             procs.worker(APP, name="replacement")
 
         try:
-            await asyncio.gather(killer(), *(run(c, i) for i, c in enumerate(clients)))
+            calls = await many_calls(clients, 50, killer)
         finally:
             for c in clients:
                 await c.aclose()
         assert victim.poll() == -signal.SIGKILL
-        assert wrong == []
-        assert len(answers) == 10_000, procs.logs()
-        assert set(answers.values()) == {1}
+        assert calls.wrong == []
+        assert calls.errors == {}
+        assert len(calls.answers) == 10_000, procs.logs()
+        assert set(calls.answers.values()) == {1}
 
 
 async def test_killed_gateway_users_leave_presence(tmp_path: Path, prefix: str) -> None:
-    broker = f"redis://{REDIS_HOST}:{REDIS_PORT}/0"
     with processes(
-        tmp_path, broker=broker, prefix=prefix, presence_ttl_s="2", heartbeat_s="0.5"
+        tmp_path, broker=BROKER, prefix=prefix, presence_ttl_s="2", heartbeat_s="0.5"
     ) as procs:
         ports = [free_port(), free_port()]
         doomed = procs.gateway(ports[0], name="doomed")
@@ -167,8 +207,7 @@ async def test_killed_gateway_users_leave_presence(tmp_path: Path, prefix: str) 
 
 
 async def test_unknown_route_and_queueing_without_workers(tmp_path: Path, prefix: str) -> None:
-    broker = f"redis://{REDIS_HOST}:{REDIS_PORT}/0"
-    with processes(tmp_path, broker=broker, prefix=prefix) as procs:
+    with processes(tmp_path, broker=BROKER, prefix=prefix) as procs:
         port = free_port()
         procs.gateway(port)
         alice = await client(port, "alice")
