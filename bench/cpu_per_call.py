@@ -50,13 +50,13 @@ def main() -> None:
     json_path = command[command.index("--json") + 1]
     load = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     root = psutil.Process(load.pid)
-    generator: dict[int, psutil.Process] = {}
+    generator: dict[int, float] = {}  # the last CPU time seen of each generator process
     samples: list[tuple[float, dict[str, float]]] = []
     while load.poll() is None:
         for process in _tree(root):
-            generator.setdefault(process.pid, process)
+            generator[process.pid] = max(generator.get(process.pid, 0.0), _cpu(process))
         sample = {name: _cpu(p) for name, p in named.items()}
-        sample["loadgen"] = sum(_cpu(p) for p in generator.values())
+        sample["loadgen"] = sum(generator.values())
         samples.append((time.monotonic(), sample))
         time.sleep(PERIOD_S)
     with open(json_path) as file:

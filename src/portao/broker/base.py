@@ -16,7 +16,7 @@ subclasses: `BrokerUnavailable` when the server did not confirm.
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Sequence
+from collections.abc import Awaitable, Iterable, Sequence
 from dataclasses import dataclass
 from typing import Protocol, runtime_checkable
 
@@ -74,8 +74,12 @@ class Broker(Protocol):
 
     # -- gateway side ---------------------------------------------------------
 
-    async def publish(self, envelope: Envelope) -> None:
-        """Queue an envelope on its route; returns once the broker accepted it.
+    def publish(self, envelope: Envelope) -> Awaitable[None]:
+        """Queue an envelope on its route; the awaitable ends once the broker accepted it.
+
+        Not a coroutine method so that a backend may hand back a future (Redis
+        does: the publish is queued for the next batch at once), sparing the
+        gateway a task per message; `async def` implementations fit as well.
 
         Raises `UnknownRoute` for a route never registered, `QueueFull` when the
         route's backlog (undelivered plus pending) is at `max_queue_length`,

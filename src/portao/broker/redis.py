@@ -26,6 +26,7 @@ import logging
 from collections import deque
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
+from functools import partial
 from typing import Any
 
 from portao.broker import redis_scripts as scripts
@@ -190,19 +191,40 @@ class RedisBroker:
 
     # -- gateway side: publish --------------------------------------------------------
 
-    async def publish(self, envelope: Envelope) -> None:
-        """Queue the envelope; batched with every publish of this event-loop turn."""
+    def publish(self, envelope: Envelope) -> asyncio.Future[None]:
+        """Queue the envelope for the next batch now; the future ends with its answer."""
         route = envelope.route
-        result = await self._link.eval(
-            scripts.PUBLISH,
-            [self._keys.routes, self._keys.queue(route), self._keys.backlog(route)],
-            [route, encode(envelope), self._max_queue, 0 if route in self._known_routes else 1],
-        )
-        if result == 0:
-            raise UnknownRoute(f"no worker registered route {route!r}")
-        if result == -1:
-            raise QueueFull(f"route {route!r} holds {self._max_queue} messages")
-        self._known_routes.add(route)
+        accepted: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        try:
+            sent = self._link.submit_script(
+                scripts.PUBLISH,
+                [self._keys.routes, self._keys.queue(route), self._keys.backlog(route)],
+                [route, encode(envelope), self._max_queue, 0 if route in self._known_routes else 1],
+            )
+        except BrokerError as exc:
+            accepted.set_exception(exc)
+            return accepted
+        sent.add_done_callback(partial(self._published, route, accepted))
+        return accepted
+
+    def _published(
+        self, route: str, accepted: asyncio.Future[None], sent: asyncio.Future[Any]
+    ) -> None:
+        if accepted.done():
+            return
+        if sent.cancelled():
+            accepted.cancel()
+            return
+        error = sent.exception()
+        if error is not None:
+            accepted.set_exception(error)
+        elif (result := sent.result()) == 0:
+            accepted.set_exception(UnknownRoute(f"no worker registered route {route!r}"))
+        elif result == -1:
+            accepted.set_exception(QueueFull(f"route {route!r} holds {self._max_queue} messages"))
+        else:
+            self._known_routes.add(route)
+            accepted.set_result(None)
 
     # -- worker side ----------------------------------------------------------------------
 

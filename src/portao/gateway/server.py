@@ -14,8 +14,10 @@ import contextlib
 import logging
 import random
 import time
+from asyncio import Future
 from collections.abc import Callable, Coroutine, Iterable
 from dataclasses import dataclass, field
+from functools import partial
 from typing import Any
 
 from portao.admin.histogram import LatencyHistogram
@@ -38,6 +40,7 @@ from portao.session.actions import Authenticated, JoinRoom, LeaveRoom, Publish
 from portao.session.auth import TokenVerifier
 from portao.session.lifecycle import Limits, State
 from portao.wire import messages as wire
+from portao.worker.heap import release_heap, settle_heap
 
 log = logging.getLogger("portao.gateway")
 
@@ -128,7 +131,7 @@ class Gateway:
         self._bound_users: set[str] = set()
         self._bound_rooms: set[str] = set()
         self._binding_lock = asyncio.Lock()
-        self._tasks: set[asyncio.Task[Any]] = set()
+        self._tasks: set[Future[Any]] = set()  # tasks, and publishes in flight
         self._loops: list[asyncio.Task[None]] = []
         self._draining = False
         self._drained = asyncio.Event()
@@ -154,6 +157,7 @@ class Gateway:
             )
             self.servers.append(server)
             log.info("listening on %s", spec.url, extra={"gateway": self.id})
+        settle_heap()
 
     def _protocol_factory(self, spec: ListenSpec) -> Callable[[], ClientConnection]:
         codec_factory = spec.codec_factory()
@@ -226,6 +230,7 @@ class Gateway:
         if self._own_state:
             await self.state.aclose()
         await self.broker.aclose()
+        release_heap()
 
     def _publishing(self) -> bool:
         return any(c.in_flight for c in self.conns.values())
@@ -290,31 +295,43 @@ class Gateway:
     # -- requests (called by connections) -----------------------------------------
 
     def publish(self, conn: ClientConnection, action: Publish) -> None:
+        """Hand the envelope to the broker; answered from `_published`, no task needed
+        when the broker hands back a future."""
         conn.in_flight += 1
-        self._spawn(self._publish(conn, action))
+        published = asyncio.ensure_future(self.broker.publish(action.envelope))
+        self._tasks.add(published)
+        published.add_done_callback(partial(self._published, conn, action, time.monotonic()))
 
-    async def _publish(self, conn: ClientConnection, action: Publish) -> None:
+    def _published(
+        self, conn: ClientConnection, action: Publish, started: float, published: Future[None]
+    ) -> None:
+        self._tasks.discard(published)
         envelope = action.envelope
-        started = time.monotonic()
+        conn.in_flight -= 1
+        self._changed.set()
         try:
-            await self.broker.publish(envelope)
-        except BrokerError as exc:
+            if published.cancelled():  # the gateway is closing
+                return
+            error = published.exception()
+            if error is None:
+                self.stats.publish_latency.observe(time.monotonic() - started)
+                self.stats.count_in(envelope.kind, envelope.route)
+                if envelope.kind == "send" and action.client_id is not None:
+                    self.stats.count_out("ack")
+                    conn.send_payload(wire.encode_ack(action.client_id))
+                return
+            if not isinstance(error, BrokerError):
+                raise error
             self.stats.publish_failures += 1
-            self.stats.count_error(exc.code.value)
+            self.stats.count_error(error.code.value)
             # A call already answered `timeout` gets nothing more; anything else is
             # told the broker did not take it (never dropped silently).
             if envelope.kind == "call" and self.pending.pop(envelope.id, conn.conn_id) is None:
                 return
-            conn.send_payload(wire.encode_error(exc.code, _broker_message(exc), action.client_id))
-        else:
-            self.stats.publish_latency.observe(time.monotonic() - started)
-            self.stats.count_in(envelope.kind, envelope.route)
-            if envelope.kind == "send" and action.client_id is not None:
-                self.stats.count_out("ack")
-                conn.send_payload(wire.encode_ack(action.client_id))
+            conn.send_payload(
+                wire.encode_error(error.code, _broker_message(error), action.client_id)
+            )
         finally:
-            conn.in_flight -= 1
-            self._changed.set()
             self._close_if_drained(conn)
 
     def authenticated(self, conn: ClientConnection, action: Authenticated) -> None:

@@ -27,6 +27,7 @@ from portao.envelope import Envelope, ErrorReply, Reply
 from portao.errors import BrokerError, BrokerUnavailable, ConfigError, ErrorCode
 from portao.worker.app import App
 from portao.worker.context import Context, encode_json
+from portao.worker.heap import release_heap, settle_heap
 
 log = logging.getLogger("portao.worker")
 
@@ -128,6 +129,7 @@ class Worker:
         self._running = True
         try:
             await self._register_routes()
+            settle_heap()
             async with asyncio.TaskGroup() as tg:
                 extender = tg.create_task(self._extend_loop(), name="portao-worker-extend")
                 acker = tg.create_task(self._ack_loop(), name="portao-worker-ack")
@@ -142,6 +144,7 @@ class Worker:
                     "final ack of %d messages failed (redelivered later): %s", len(self._acks), exc
                 )
         finally:
+            release_heap()
             self._running = False
             self._done.set()
 
