@@ -27,7 +27,7 @@ from portao.broker.redis import RedisBroker
 from portao.broker.redis_keys import Keys
 from portao.config import Settings
 from portao.envelope import Push, Reply, new_gateway_id
-from portao.errors import BrokerUnavailable, UnknownRoute
+from portao.errors import BrokerUnavailable, QueueFull, UnknownRoute
 from tests.broker.backend_redis import SHARED_URL, delete_prefix
 from tests.broker.conftest import fetch_n, make_envelope, read_n
 from tests.conftest import require_service
@@ -185,6 +185,33 @@ async def test_concurrent_publishes_share_round_trips(
     # publish without batching; a few per pipeline with it (plus the INFO calls).
     assert reads_after - reads_before < count / 20
     assert len(await fetch_n(broker, "w1", ["burst"], count)) == count
+
+
+async def test_publishes_of_one_turn_are_one_script_call_that_keeps_their_order(
+    private_redis: RedisServer,
+    raw: Redis,
+    open_broker: OpenBroker,
+    make_settings: Callable[..., Settings],
+) -> None:
+    """Shares of a batched script (publish, send) merge into one call, in order: the
+    first publishes of the turn take the room left in the queue, the rest are refused."""
+    broker = open_broker(private_redis.url, make_settings(max_queue_length=6))
+    await broker.connect()
+    await broker.register_routes(["merge"])
+    await broker.publish(make_envelope("merge"))  # the script is loaded; 5 places left
+    envelopes = [make_envelope("merge", f"{i}".encode()) for i in range(8)]
+    calls_before = (await raw.info("commandstats"))["cmdstat_evalsha"]["calls"]
+
+    results = await asyncio.gather(
+        *(broker.publish(envelope) for envelope in envelopes), return_exceptions=True
+    )
+
+    calls_after = (await raw.info("commandstats"))["cmdstat_evalsha"]["calls"]
+    assert calls_after - calls_before == 1
+    assert results[:5] == [None] * 5
+    assert all(isinstance(result, QueueFull) for result in results[5:])
+    got = await fetch_n(broker, "w1", ["merge"], 6)
+    assert [d.envelope for d in got][1:] == envelopes[:5]
 
 
 # -- trimming -------------------------------------------------------------------------

@@ -196,10 +196,11 @@ class RedisBroker:
         route = envelope.route
         accepted: asyncio.Future[None] = asyncio.get_running_loop().create_future()
         try:
-            sent = self._link.submit_script(
+            sent = self._link.submit_share(
                 scripts.PUBLISH,
                 [self._keys.routes, self._keys.queue(route), self._keys.backlog(route)],
-                [route, encode(envelope), self._max_queue, 0 if route in self._known_routes else 1],
+                [route, self._max_queue, 0 if route in self._known_routes else 1],
+                [encode(envelope)],
             )
         except BrokerError as exc:
             accepted.set_exception(exc)
@@ -580,10 +581,11 @@ class RedisBroker:
 
     async def send_to_gateway(self, gateway_id: str, message: InboxMessage) -> None:
         """XADD to a live gateway's inbox; a gone gateway's message is dropped."""
-        await self._link.eval(
+        await self._link.submit_share(
             scripts.SEND,
             [self._keys.alive(gateway_id), self._keys.inbox(gateway_id)],
-            [encode(message), INBOX_MAX_ENTRIES],
+            [INBOX_MAX_ENTRIES],
+            [encode(message)],
         )
 
     async def send_to_user(self, user: str, message: InboxMessage) -> None:

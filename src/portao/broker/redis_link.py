@@ -66,11 +66,30 @@ class NoGroup(Exception):
 
 @dataclass(slots=True, eq=False)
 class _Command:
-    """One command waiting for the flusher, and the future its caller awaits."""
+    """One command waiting for the flusher, and the future its caller awaits.
+
+    With `items`, the command is one caller's share of a batched script: `args`
+    is the call without the items, and adjacent commands with equal `args` are
+    sent as one call whose reply holds one result per share.
+    """
 
     args: tuple[Any, ...]
     script: Script | None
     future: asyncio.Future[Any]
+    items: tuple[Any, ...] | None = None
+
+
+@dataclass(slots=True, eq=False)
+class _Call:
+    """What goes on the wire: one command, or the shares of one batched script call."""
+
+    args: list[Any]
+    script: Script | None
+    commands: list[_Command]
+
+    @property
+    def batched(self) -> bool:
+        return self.commands[0].items is not None
 
 
 class RedisLink:
@@ -105,6 +124,7 @@ class RedisLink:
         self._outbox: deque[_Command] = deque()
         self._outbox_event = asyncio.Event()
         self._pipe: RespConnection | None = None  # the flusher's own connection
+        self._loop: asyncio.AbstractEventLoop  # set by `open`: no call queues before it
 
     @property
     def is_open(self) -> bool:
@@ -119,6 +139,7 @@ class RedisLink:
             return
         self._closed = False
         self._ready_event.clear()
+        self._loop = asyncio.get_running_loop()
         self.client = Redis(connection_pool=ConnectionPool(**self._options))
         self._tasks = [
             asyncio.create_task(self._watch(), name="portao-redis-watch"),
@@ -235,7 +256,7 @@ class RedisLink:
     def submit(self, *args: Any, script: Script | None = None) -> asyncio.Future[Any]:
         """Queue a command for the next flush; the future holds its parsed reply."""
         self.check_ready()
-        future: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
+        future: asyncio.Future[Any] = self._loop.create_future()
         self._outbox.append(_Command(args, script, future))
         self._outbox_event.set()
         return future
@@ -244,6 +265,23 @@ class RedisLink:
         self, script: Script, keys: Sequence[str], args: Sequence[Any]
     ) -> asyncio.Future[Any]:
         return self.submit("EVALSHA", script.sha, len(keys), *keys, *args, script=script)
+
+    def submit_share(
+        self, script: Script, keys: Sequence[str], args: Sequence[Any], items: Sequence[Any]
+    ) -> asyncio.Future[Any]:
+        """Queue one share of a batched script: the call `script(keys, args)` followed
+        by every adjacent share's `items`; the future holds this share's result.
+
+        Such a script takes a fixed number of ARGV per share after `args` and
+        returns a list with one result per share. Merging only adjacent shares
+        keeps every command in the order it was submitted.
+        """
+        self.check_ready()
+        future: asyncio.Future[Any] = self._loop.create_future()
+        head = ("EVALSHA", script.sha, len(keys), *keys, *args)
+        self._outbox.append(_Command(head, script, future, tuple(items)))
+        self._outbox_event.set()
+        return future
 
     async def eval(self, script: Script, keys: Sequence[str], args: Sequence[Any]) -> Any:
         return await self.submit_script(script, keys, args)
@@ -259,45 +297,65 @@ class RedisLink:
                 if batch:
                     await self._flush(batch)
 
-    def _take_batch(self) -> list[_Command]:
-        """The next commands to send; one whose caller gave up is never sent."""
-        batch: list[_Command] = []
-        size = 0
-        while self._outbox and len(batch) < MAX_BATCH and size < MAX_BATCH_BYTES:
-            command = self._outbox.popleft()
-            if not command.future.done():
-                batch.append(command)
-                size += sum(len(arg) for arg in command.args if isinstance(arg, bytes))
-        return batch
-
-    async def _flush(self, batch: list[_Command]) -> None:
-        """Send a batch as one pipeline; a script the server lost is loaded and rerun."""
-        try:
-            results = await self._pipeline(batch)
-            missing = [i for i, result in enumerate(results) if _is_noscript(result)]
-            if missing:
-                # NOSCRIPT: the script did not run, so running it again is safe.
-                for script in {batch[i].script for i in missing}:
-                    if script is not None:
-                        await self.run(partial(_load, script.source), self.timeout_s)
-                rerun = await self._pipeline([batch[i] for i in missing])
-                for i, result in zip(missing, rerun, strict=True):
-                    results[i] = result
-        except BrokerError as exc:
-            for command in batch:
-                _fail(command.future, exc)
-            return
-        for command, result in zip(batch, results, strict=True):
+    def _take_batch(self) -> list[_Call]:
+        """The next calls to send; a command whose caller gave up is never sent."""
+        calls: list[_Call] = []
+        taken = size = 0
+        outbox = self._outbox
+        while outbox and taken < MAX_BATCH and size < MAX_BATCH_BYTES:
+            command = outbox.popleft()
             if command.future.done():
                 continue
-            if isinstance(result, Exception):
-                name = command.script.name if command.script else command.args[0]
-                _fail(command.future, BrokerUnavailable(f"redis refused {name}: {result}"))
+            taken += 1
+            args, items = command.args, command.items
+            if items is None:
+                calls.append(_Call(list(args), command.script, [command]))
+                size += sum(len(arg) for arg in args if isinstance(arg, bytes))
+                continue
+            size += sum(len(item) for item in items if isinstance(item, bytes))
+            last = calls[-1] if calls else None
+            if last is not None and last.batched and last.commands[0].args == args:
+                last.args.extend(items)
+                last.commands.append(command)
             else:
-                command.future.set_result(result)
+                calls.append(_Call([*args, *items], command.script, [command]))
+        return calls
 
-    async def _pipeline(self, batch: list[_Command]) -> list[Any]:
-        """Send a batch on the flusher's connection (opened on demand); raw replies."""
+    async def _flush(self, calls: list[_Call]) -> None:
+        """Send calls as one pipeline; a script the server lost is loaded and rerun."""
+        try:
+            replies = await self._pipeline(calls)
+            missing = [i for i, reply in enumerate(replies) if _is_noscript(reply)]
+            if missing:
+                # NOSCRIPT: the script did not run, so running it again is safe.
+                for script in {calls[i].script for i in missing}:
+                    if script is not None:
+                        await self.run(partial(_load, script.source), self.timeout_s)
+                rerun = await self._pipeline([calls[i] for i in missing])
+                for i, reply in zip(missing, rerun, strict=True):
+                    replies[i] = reply
+        except BrokerError as exc:
+            for call in calls:
+                for command in call.commands:
+                    _fail(command.future, exc)
+            return
+        for call, reply in zip(calls, replies, strict=True):
+            commands = call.commands
+            if isinstance(reply, Exception):
+                name = call.script.name if call.script else call.args[0]
+                error = BrokerUnavailable(f"redis refused {name}: {reply}")
+                for command in commands:
+                    _fail(command.future, error)
+            elif not call.batched:
+                if not commands[0].future.done():
+                    commands[0].future.set_result(reply)
+            else:
+                for command, result in zip(commands, reply, strict=True):
+                    if not command.future.done():
+                        command.future.set_result(result)
+
+    async def _pipeline(self, calls: list[_Call]) -> list[Any]:
+        """Send calls on the flusher's connection (opened on demand); raw replies."""
         self.check_ready()
         try:
             async with asyncio.timeout(self.timeout_s):
@@ -306,7 +364,7 @@ class RedisLink:
                     pipe = self._pipe = await RespConnection.open(
                         self._options, self.client.connection_pool.make_connection()
                     )
-                return await pipe.execute([command.args for command in batch])
+                return await pipe.execute([call.args for call in calls])
         except (OSError, TimeoutError) as exc:
             # Replies still owed would answer the next batch: this connection is done.
             self._drop_pipe()

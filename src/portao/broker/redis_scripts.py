@@ -52,12 +52,15 @@ local function held(stream, group, consumer, id, deliveries)
 end
 """
 
-# Append to a live gateway's inbox; the inbox expires together with the liveness key.
+# Append payloads[first..] to a live gateway's inbox; the inbox expires together with
+# the liveness key. Returns 1, or 0 for a dead gateway.
 _DELIVER = """
-local function deliver(alive, inbox, payload, maxlen)
+local function deliver(alive, inbox, maxlen, payloads, first)
   local ttl = redis.call('PTTL', alive)
   if ttl == -2 then return 0 end
-  redis.call('XADD', inbox, 'MAXLEN', '~', maxlen, '*', 'm', payload)
+  for i = first, #payloads do
+    redis.call('XADD', inbox, 'MAXLEN', '~', maxlen, '*', 'm', payloads[i])
+  end
   if ttl > 0 then redis.call('PEXPIRE', inbox, ttl) end
   return 1
 end
@@ -73,15 +76,31 @@ local function each_entry(index, zset_prefix, fn)
 end
 """
 
-#: KEYS routes, queue, backlog; ARGV route, payload, max_len, check_registry.
-#: Returns the entry id, 0 for an unknown route, -1 for a full queue.
+#: KEYS routes, queue, backlog; ARGV route, max_len, check_registry, then one payload
+#: per share (a batched script: `RedisLink.submit_share`). Queues the payloads in
+#: order while the backlog is under max_len. Returns, per share, 1 (queued), 0 (an
+#: unknown route) or -1 (a full queue).
 PUBLISH = Script(
     "publish",
     """
-if ARGV[4] == '1' and redis.call('SISMEMBER', KEYS[1], ARGV[1]) == 0 then return 0 end
-if tonumber(redis.call('GET', KEYS[3]) or '0') >= tonumber(ARGV[3]) then return -1 end
-redis.call('INCR', KEYS[3])
-return redis.call('XADD', KEYS[2], '*', 'e', ARGV[2])
+local out = {}
+if ARGV[3] == '1' and redis.call('SISMEMBER', KEYS[1], ARGV[1]) == 0 then
+  for i = 4, #ARGV do out[#out + 1] = 0 end
+  return out
+end
+local room = tonumber(ARGV[2]) - tonumber(redis.call('GET', KEYS[3]) or '0')
+local added = 0
+for i = 4, #ARGV do
+  if added < room then
+    redis.call('XADD', KEYS[2], '*', 'e', ARGV[i])
+    added = added + 1
+    out[#out + 1] = 1
+  else
+    out[#out + 1] = -1
+  end
+end
+if added > 0 then redis.call('INCRBY', KEYS[3], added) end
+return out
 """,
 )
 
@@ -274,8 +293,18 @@ return redis.call('XTRIM', KEYS[1], 'MINID', string.format('%.0f-%.0f', min_ms, 
 """,
 )
 
-#: KEYS alive, inbox; ARGV payload, inbox max_len. Returns 1, or 0 for a dead gateway.
-SEND = Script("send", _DELIVER + "return deliver(KEYS[1], KEYS[2], ARGV[1], ARGV[2])")
+#: KEYS alive, inbox; ARGV inbox max_len, then one payload per share (batched).
+#: Returns, per share, 1, or 0 for a dead gateway (whose inbox is not written).
+SEND = Script(
+    "send",
+    _DELIVER
+    + """
+local sent = deliver(KEYS[1], KEYS[2], ARGV[1], ARGV, 2)
+local out = {}
+for i = 2, #ARGV do out[#out + 1] = sent end
+return out
+""",
+)
 
 #: KEYS user; ARGV payload, inbox max_len, alive prefix, inbox prefix. Writes to the
 #: inbox of every live gateway bound to the user; drops expired bindings. Returns
@@ -289,7 +318,7 @@ local now = now_ms()
 redis.call('ZREMRANGEBYSCORE', KEYS[1], '-inf', now)
 local sent = 0
 for _, gw in ipairs(redis.call('ZRANGE', KEYS[1], 0, -1)) do
-  sent = sent + deliver(ARGV[3] .. gw, ARGV[4] .. gw, ARGV[1], ARGV[2])
+  sent = sent + deliver(ARGV[3] .. gw, ARGV[4] .. gw, ARGV[2], {ARGV[1]}, 1)
 end
 return sent
 """,
