@@ -145,6 +145,34 @@ async def test_handler_timeout_is_a_failure(make_settings: MakeSettings) -> None
         assert dead.error == "TimeoutError: handler timed out after 0.05 s"
 
 
+async def test_a_swallowed_timeout_leaves_the_next_attempt_its_own(
+    make_settings: MakeSettings,
+) -> None:
+    """The watchdog's cancel, swallowed by attempt 1, is not left pending: attempt 2's
+    timeout is a timeout again (dead-lettered), not a stop of the worker."""
+    app = App()
+
+    @app.route("stubborn")
+    async def stubborn(ctx: Context, data: Any) -> Any:
+        try:
+            await asyncio.Event().wait()
+        except asyncio.CancelledError:
+            if ctx.attempt == 1:
+                raise RuntimeError("gave up") from None
+            raise
+
+    settings = {"max_attempts": 2, "handler_timeout_s": 0.05, "retry_delay_s": 0.01}
+    async with setup(make_settings, app, **settings) as (broker, gw, worker):
+        env = await gw.publish("stubborn")
+        await worker.run(burst=True)
+        [error] = await gw.read(1)
+        assert isinstance(error, ErrorReply)
+        assert (error.ref, error.code) == (env.id, "handler_error")
+        [dead] = await broker.dead_letters("stubborn")
+        assert dead.error == "TimeoutError: handler timed out after 0.05 s"
+        assert worker.stats.failed_attempts == 2
+
+
 async def test_unencodable_return_is_a_failure(make_settings: MakeSettings) -> None:
     app = App()
 

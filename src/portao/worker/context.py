@@ -43,17 +43,27 @@ def encode_json(data: Any) -> bytes:
 class Context:
     """The message being handled and the broker operations a handler may use."""
 
-    __slots__ = ("_broker", "_state", "attempt", "conn", "deadline", "id", "route", "user")
+    __slots__ = (
+        "_broker", "_conn", "_envelope", "_state", "attempt", "deadline", "id", "route", "user"
+    )  # fmt: skip
 
     def __init__(self, envelope: Envelope, attempt: int, broker: Broker, state: StateStore) -> None:
         self.id = envelope.id
         self.attempt = attempt
         self.user = envelope.user
         self.route = envelope.route
-        self.conn = ConnAddr(envelope.gateway, envelope.conn)
         self.deadline = envelope.deadline
+        self._envelope = envelope
+        self._conn: ConnAddr | None = None  # made when first asked for (most handlers never do)
         self._broker = broker
         self._state = state
+
+    @property
+    def conn(self) -> ConnAddr:
+        """The caller's connection."""
+        if self._conn is None:
+            self._conn = ConnAddr(self._envelope.gateway, self._envelope.conn)
+        return self._conn
 
     def __repr__(self) -> str:
         return (

@@ -1,11 +1,16 @@
 """The worker loop: fetch -> handle -> reply -> ack, with retries, claims and a drain.
 
-`Worker.run` owns one TaskGroup: a task per message in hand, a claim extender and an
-ack flusher. Messages are acknowledged only after their handler finished and the
-reply was written (at-least-once); a failing handler is retried here with doubling
-delays while its claim is kept alive, then dead-lettered; a claim this worker lost
-(it was frozen past the visibility timeout) drops the result, since another worker
-now owns the message.
+`Worker.run` owns one TaskGroup: a task per message in hand, a claim extender, an
+ack flusher and a handler watchdog. Messages are acknowledged only after their
+handler finished and the reply was written (at-least-once); a failing handler is
+retried here with doubling delays while its claim is kept alive, then
+dead-lettered; a claim this worker lost (it was frozen past the visibility
+timeout) drops the result, since another worker now owns the message.
+
+A handler over `handler_timeout_s` is cancelled by the watchdog, which looks at
+every running handler a few times per timeout (`WATCHDOG_TICKS`, at least every
+`WATCHDOG_MAX_TICK_S`): one timer for all of them instead of one per message, so
+a timeout ends up to a tick late.
 """
 
 from __future__ import annotations
@@ -13,6 +18,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import math
 import os
 import socket
 import time
@@ -35,6 +41,10 @@ log = logging.getLogger("portao.worker")
 MAX_ERROR_CHARS = 1000
 #: Pause after a failed fetch or ack before trying the broker again.
 BROKER_RETRY_S = 0.5
+#: The handler watchdog looks this many times per handler_timeout_s ...
+WATCHDOG_TICKS = 4
+#: ... and at least this often.
+WATCHDOG_MAX_TICK_S = 0.25
 
 
 @dataclass(slots=True)
@@ -53,10 +63,16 @@ class WorkerStats:
 
 @dataclass(eq=False, slots=True)
 class _Job:
-    """One message in hand; `lost` once the broker says another consumer owns it."""
+    """One message in hand; `lost` once the broker says another consumer owns it.
+
+    `due` is the loop time its running handler must finish by (inf between
+    attempts); `timed_out` is set when the watchdog cancelled it for being late.
+    """
 
     delivery: Delivery
     lost: bool = False
+    due: float = math.inf
+    timed_out: bool = False
 
 
 class Worker:
@@ -131,12 +147,15 @@ class Worker:
             await self._register_routes()
             settle_heap()
             async with asyncio.TaskGroup() as tg:
-                extender = tg.create_task(self._extend_loop(), name="portao-worker-extend")
-                acker = tg.create_task(self._ack_loop(), name="portao-worker-ack")
+                loops = [
+                    tg.create_task(self._extend_loop(), name="portao-worker-extend"),
+                    tg.create_task(self._ack_loop(), name="portao-worker-ack"),
+                    tg.create_task(self._watchdog_loop(), name="portao-worker-watchdog"),
+                ]
                 await self._fetch_loop(tg, burst)
                 await self._drain()
-                extender.cancel()
-                acker.cancel()
+                for loop in loops:
+                    loop.cancel()
             try:
                 await self._flush_acks()
             except BrokerError as exc:
@@ -179,9 +198,7 @@ class Worker:
                 continue
             for delivery in deliveries:
                 job = _Job(delivery)
-                self._jobs[job] = tg.create_task(
-                    self._handle(job), name=f"portao-msg-{delivery.envelope.id}"
-                )
+                self._jobs[job] = tg.create_task(self._handle(job))
             if burst and not deliveries and not self._jobs:
                 return
 
@@ -214,6 +231,19 @@ class Worker:
                 if job.delivery in lost:
                     job.lost = True
                     log.warning("lost the claim on message %s", job.delivery.envelope.id)
+
+    async def _watchdog_loop(self) -> None:
+        """Cancel the handlers that are past their time (see the module docstring)."""
+        limit = self.settings.handler_timeout_s
+        tick = min(limit / WATCHDOG_TICKS, WATCHDOG_MAX_TICK_S)
+        loop = asyncio.get_running_loop()
+        while True:
+            await asyncio.sleep(tick)
+            now = loop.time()
+            for job, task in self._jobs.items():
+                if job.due <= now and not job.timed_out:
+                    job.timed_out = True
+                    task.cancel()
 
     async def _ack_loop(self) -> None:
         """Acknowledge finished messages in batches: whatever piled up meanwhile."""
@@ -273,7 +303,7 @@ class Worker:
                 self.stats.lost_claims += 1
                 return
             try:
-                reply = await self._attempt(env, attempt)
+                reply = await self._attempt(job, attempt)
                 break
             except BrokerUnavailable:
                 # The broker failed under the handler (ctx.once, a push…): not the
@@ -307,20 +337,28 @@ class Worker:
         self.stats.handled += 1
         self._ack(delivery)
 
-    async def _attempt(self, env: Envelope, attempt: int) -> bytes | None:
+    async def _attempt(self, job: _Job, attempt: int) -> bytes | None:
         """Run the handler once; the encoded reply for a call, None for a send."""
+        env = job.delivery.envelope
         handler = self.app.routes[env.route]
         ctx = Context(env, attempt, self.broker, self.state)
         limit = self.settings.handler_timeout_s
         started = time.monotonic()
+        job.due = asyncio.get_running_loop().time() + limit
         try:
-            async with asyncio.timeout(limit) as scope:
-                result = await handler(ctx, msgspec.json.decode(env.data))
-        except TimeoutError:
-            if scope.expired():
-                raise TimeoutError(f"handler timed out after {limit:g} s") from None
+            result = await handler(ctx, msgspec.json.decode(env.data))
+        except asyncio.CancelledError:
+            if job.timed_out:
+                job.timed_out = False
+                # The watchdog's cancel is a timeout, unless the task is being stopped too.
+                if self._jobs[job].uncancel() == 0:
+                    raise TimeoutError(f"handler timed out after {limit:g} s") from None
             raise
         finally:
+            job.due = math.inf
+            if job.timed_out:  # the handler swallowed the watchdog's cancel
+                job.timed_out = False
+                self._jobs[job].uncancel()
             self.stats.handler_latency.observe(time.monotonic() - started)
         return encode_json(result) if env.kind == "call" else None
 
