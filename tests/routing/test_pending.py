@@ -121,6 +121,21 @@ def test_the_heap_does_not_grow_with_answered_calls() -> None:
     assert calls.next_deadline() == 1e12
 
 
+def test_calls_in_deadline_order_need_no_heap() -> None:
+    """The gateway's case (one call timeout): the map's order is the deadline order."""
+    calls = PendingCalls()
+    for n in range(1000):
+        calls.add(f"m{n}", conn=n % 7, client_id=n, deadline=100.0 + n // 10)
+    for n in range(0, 1000, 3):
+        calls.pop(f"m{n}", n % 7)
+    assert calls._heap == []
+    assert calls.next_deadline() == 100.0
+    expired = calls.expire(149.0)
+    assert _ids(expired) == [f"m{n}" for n in range(500) if n % 3]
+    assert calls.next_deadline() == 150.0
+    assert len(calls) == len([n for n in range(500, 1000) if n % 3])
+
+
 def test_the_heap_does_not_grow_with_closed_connections() -> None:
     calls = PendingCalls()
     for conn in range(5_000):
