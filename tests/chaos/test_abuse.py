@@ -91,8 +91,8 @@ async def test_connections_that_never_authenticate(live_factory: LiveFactory) ->
     live = live_factory(auth_timeout_s=deadline_s)
 
     async def hold(scheme: str) -> tuple[str, float, bytes]:
+        opened = time.monotonic()  # before the gateway accepts: its clock starts later
         sock = await dial(live.ports[scheme])
-        opened = time.monotonic()
         try:
             data = await read_to_end(sock, deadline_s + 10)
         finally:
@@ -117,7 +117,7 @@ async def test_connections_that_never_authenticate(live_factory: LiveFactory) ->
                 bye = {"op": "bye", "code": "unauthorized", "message": "authentication timeout"}
                 assert parse(data, scheme) == [bye]
         lifetimes = sorted(lifetime for _, lifetime, _ in crowd)
-        assert lifetimes[0] >= deadline_s - 0.05, lifetimes[:5]
+        assert lifetimes[0] >= deadline_s, lifetimes[:5]
         assert lifetimes[-1] <= deadline_s + 5.0, lifetimes[-5:]
         await live.settle(len(regulars.clients))
         closed = (await live.metrics()).value(
@@ -142,17 +142,19 @@ async def test_slowloris(live_factory: LiveFactory) -> None:
     call = json.dumps({"op": "call", "id": 1, "route": "echo", "data": "x" * 100}).encode()
 
     async def loris(scheme: str, authed: bool) -> tuple[str, bool, float, bytes]:
+        # Each clock starts before the gateway's does: at the dial, or at the last frame.
+        started = time.monotonic()
         sock = await dial(live.ports[scheme])
         loop = asyncio.get_running_loop()
         try:
             if authed:  # the whole auth at once, then the next frame a byte at a time
+                started = time.monotonic()
                 await loop.sock_sendall(sock, frame(auth, scheme))
                 ok = await loop.sock_recv(sock, 4096)
                 assert parse(ok, scheme) == [{"op": "ok", "user": "slow"}]
                 data = frame(call, scheme)
             else:
                 data = WS_HANDSHAKE if scheme == "ws" else frame(auth, scheme)
-            started = time.monotonic()
             async with asyncio.TaskGroup() as group:
                 trickler = group.create_task(trickle(sock, data, interval_s))
                 got = await read_to_end(sock, deadline_s + 10)
@@ -173,7 +175,7 @@ async def test_slowloris(live_factory: LiveFactory) -> None:
     async with Regulars(live) as regulars:
         results = await regulars.during(lorises())
         for scheme, authed, lifetime, got in results:
-            assert deadline_s - 0.05 <= lifetime <= deadline_s + 3.0, (scheme, authed, lifetime)
+            assert deadline_s <= lifetime <= deadline_s + 3.0, (scheme, authed, lifetime)
             if scheme == "ws":
                 assert got == b""  # the handshake never finished: nothing to say
                 continue
