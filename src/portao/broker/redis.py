@@ -43,6 +43,7 @@ from portao.broker.redis_link import (
     BACKOFF_MAX_S,
     BACKOFF_MIN_S,
     MAX_BLOCK_S,
+    Lane,
     NoGroup,
     RedisLink,
     jitter,
@@ -115,6 +116,7 @@ class RedisBroker:
         self._ttl_ms = max(1, round(settings.presence_ttl_s * 1000))
         self._max_queue = settings.max_queue_length
 
+        self._block_lane: Lane | None = None  # a worker's blocking reads, made on first use
         self._pubsub: Any = None  # redis-py PubSub, made on first use
         self._listener: asyncio.Task[None] | None = None
 
@@ -284,21 +286,20 @@ class RedisBroker:
         self, consumer: str, routes: list[str], max_count: int, block_s: float, deadline: float
     ) -> list[Delivery]:
         """XREADGROUP with BLOCK: wakes on the first new entry of any route."""
-        streams = {self._keys.queue(route): ">" for route in routes}
-        by_key = {self._keys.queue(route).encode(): route for route in routes}
+        keys = [self._keys.queue(route) for route in routes]
+        by_key = {key.encode(): route for key, route in zip(keys, routes, strict=True)}
         block_ms = max(1, round(block_s * 1000))
+        if self._block_lane is None:
+            self._block_lane = self._link.lane()
+        command = ("XREADGROUP", "GROUP", GROUP, consumer, "COUNT", max_count,
+                   "BLOCK", block_ms, "STREAMS", *keys, *(">" for _ in keys))  # fmt: skip
         try:
-            reply = await self._link.run(
-                lambda client: client.xreadgroup(
-                    GROUP, consumer, streams, count=max_count, block=block_ms
-                ),
-                block_s + self._link.timeout_s,
-            )
+            [reply] = await self._block_lane.read([command], block_s + self._link.timeout_s)
         except NoGroup:
             await self._regroup(routes, deadline)
             return []
         raw = [
-            (by_key[key], entry_id.decode(), (fields or {}).get(ENVELOPE_FIELD, b""), 1)
+            (by_key[key], entry_id.decode(), _field(fields, ENVELOPE_FIELD), 1)
             for key, entries in reply or ()
             for entry_id, fields in entries
         ]
@@ -518,44 +519,48 @@ class RedisBroker:
         key, alive = self._keys.inbox(gateway_id), self._keys.alive(gateway_id)
         last, trim_to = b"0-0", None
         delay = BACKOFF_MIN_S
-        while True:
-            while len(inbox.messages) >= INBOX_BUFFER:
-                inbox.drained.clear()
-                await inbox.drained.wait()
-
-            async def read(client: Any, trim_to: bytes | None = trim_to, last: bytes = last) -> Any:
-                pipe = client.pipeline(transaction=False)
+        block_ms = round(MAX_BLOCK_S * 1000)
+        lane = self._link.lane()
+        try:
+            while True:
+                while len(inbox.messages) >= INBOX_BUFFER:
+                    inbox.drained.clear()
+                    await inbox.drained.wait()
+                commands: list[tuple[Any, ...]] = [
+                    ("EXISTS", alive),
+                    ("XREAD", "COUNT", INBOX_READ_COUNT, "BLOCK", block_ms, "STREAMS", key, last),
+                ]
                 if trim_to is not None:
-                    pipe.xtrim(key, minid=_next_id(trim_to), approximate=False)
-                pipe.exists(alive)
-                pipe.xread({key: last}, count=INBOX_READ_COUNT, block=round(MAX_BLOCK_S * 1000))
-                return await pipe.execute()
-
-            try:
-                await self._link.wait_ready(None)
-                *_, is_alive, reply = await self._link.run(read, MAX_BLOCK_S + self._link.timeout_s)
-            except BrokerError as exc:
-                log.debug("redis %s: inbox read failed: %s", self._link.where, exc)
-                await asyncio.sleep(jitter(delay))
-                delay = min(delay * 2, BACKOFF_MAX_S)
-                continue
-            delay = BACKOFF_MIN_S
-            trim_to = None
-            messages: list[InboxMessage] = []
-            for _, entries in reply or ():
-                for entry_id, fields in entries:
-                    last = trim_to = entry_id
-                    try:
-                        messages.append(decode_inbox((fields or {}).get(INBOX_FIELD, b"")))
-                    except EnvelopeError as exc:
-                        log.warning("inbox %s: dropped entry %s: %s", gateway_id, entry_id, exc)
-            inbox.push(messages)
-            if not is_alive:
-                log.warning(
-                    "redis %s: inbox %s was forgotten by Redis", self._link.where, gateway_id
-                )
-                await self._forget_inbox(gateway_id, unsubscribe=False)
-                return
+                    commands.insert(0, ("XTRIM", key, "MINID", _next_id(trim_to)))
+                try:
+                    await self._link.wait_ready(None)
+                    *_, is_alive, reply = await lane.read(
+                        commands, MAX_BLOCK_S + self._link.timeout_s
+                    )
+                except BrokerError as exc:
+                    log.debug("redis %s: inbox read failed: %s", self._link.where, exc)
+                    await asyncio.sleep(jitter(delay))
+                    delay = min(delay * 2, BACKOFF_MAX_S)
+                    continue
+                delay = BACKOFF_MIN_S
+                trim_to = None
+                messages: list[InboxMessage] = []
+                for _, entries in reply or ():
+                    for entry_id, fields in entries:
+                        last = trim_to = entry_id
+                        try:
+                            messages.append(decode_inbox(_field(fields, INBOX_FIELD)))
+                        except EnvelopeError as exc:
+                            log.warning("inbox %s: dropped entry %s: %s", gateway_id, entry_id, exc)
+                inbox.push(messages)
+                if not is_alive:
+                    log.warning(
+                        "redis %s: inbox %s was forgotten by Redis", self._link.where, gateway_id
+                    )
+                    await self._forget_inbox(gateway_id, unsubscribe=False)
+                    return
+        finally:
+            self._link.drop_lane(lane)
 
     async def heartbeat(self, gateway_id: str) -> None:
         """Keep the gateway's inbox, bindings and members alive for presence_ttl_s."""
@@ -776,6 +781,17 @@ def _encode_member(member: Member) -> str:
 def _decode_member(raw: bytes) -> Member:
     gateway, conn, user = raw.decode().split("\0", 2)
     return Member(gateway, int(conn), user)
+
+
+def _field(fields: list[bytes] | None, name: bytes) -> bytes:
+    """A field of a stream entry (`[name, value, ...]` as Redis sends it); b"" if absent."""
+    if fields:
+        if fields[0] == name:  # entries written here have one field
+            return fields[1]
+        for i in range(2, len(fields) - 1, 2):
+            if fields[i] == name:
+                return fields[i + 1]
+    return b""
 
 
 def _next_id(entry_id: bytes) -> bytes:

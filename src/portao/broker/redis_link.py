@@ -9,9 +9,12 @@
 - Short commands go through one flusher: whatever an event-loop turn queued is sent
   as one pipeline (no round trip per publish or reply), each caller's future
   resolved with its own raw reply (bytes, integers, lists: no redis-py response
-  callbacks). The flusher has a connection of its own that bypasses redis-py
-  (`redis_resp`): this is the hot path. A script the server lost (NOSCRIPT: it did
-  not run) is loaded and run again.
+  callbacks). A script the server lost (NOSCRIPT: it did not run) is loaded and
+  run again.
+- The hot path bypasses redis-py: the flusher and each blocking reader (a gateway's
+  inbox, a worker's XREADGROUP) have a `Lane`, a connection of their own speaking
+  RESP through hiredis (`redis_resp`). redis-py keeps the rest: health PINGs,
+  pub/sub, loading scripts.
 
 redis exceptions are translated here, and only here, into `BrokerError`s.
 """
@@ -92,6 +95,54 @@ class _Call:
         return self.commands[0].items is not None
 
 
+class Lane:
+    """A connection of one sequential user of the link (the flusher, a blocking reader).
+
+    Opened on demand and again after a failure; replies are raw. A call that fails
+    or is abandoned (timeout, cancellation) closes the connection, since the replies
+    still owed would answer the next call.
+    """
+
+    def __init__(self, link: RedisLink) -> None:
+        self._link = link
+        self._conn: RespConnection | None = None
+
+    async def execute(self, commands: Sequence[Sequence[Any]], timeout_s: float) -> list[Any]:
+        link = self._link
+        link.check_ready()
+        try:
+            async with asyncio.timeout(timeout_s):
+                conn = self._conn
+                if conn is None or not conn.is_open:
+                    conn = self._conn = await RespConnection.open(
+                        link._options, link.client.connection_pool.make_connection()
+                    )
+                return await conn.execute(commands)
+        except (OSError, TimeoutError) as exc:
+            self.close()
+            link._link_down(exc)
+            raise BrokerUnavailable(f"redis at {link.where}: {_reason(exc)}") from None
+        except BaseException:
+            self.close()
+            raise
+
+    async def read(self, commands: Sequence[Sequence[Any]], timeout_s: float) -> list[Any]:
+        """`execute`, with an error reply raised: `NoGroup` for a consumer group that
+        is missing or gone, `BrokerUnavailable` for any other."""
+        replies = await self.execute(commands, timeout_s)
+        for reply in replies:
+            if isinstance(reply, ReplyError):
+                if str(reply).startswith(("NOGROUP", "UNBLOCKED")):
+                    raise NoGroup(str(reply))
+                raise BrokerUnavailable(f"redis refused: {reply}")
+        return replies
+
+    def close(self) -> None:
+        if self._conn is not None:
+            self._conn.close()
+            self._conn = None
+
+
 class RedisLink:
     """The pool, its readiness, and the command flusher (see the module docstring)."""
 
@@ -123,8 +174,20 @@ class RedisLink:
         self._tasks: list[asyncio.Task[None]] = []
         self._outbox: deque[_Command] = deque()
         self._outbox_event = asyncio.Event()
-        self._pipe: RespConnection | None = None  # the flusher's own connection
+        self._lanes: list[Lane] = []
+        self._flusher = self.lane()
         self._loop: asyncio.AbstractEventLoop  # set by `open`: no call queues before it
+
+    def lane(self) -> Lane:
+        """A connection of one's own (closed with the link, or by `drop_lane`)."""
+        lane = Lane(self)
+        self._lanes.append(lane)
+        return lane
+
+    def drop_lane(self, lane: Lane) -> None:
+        lane.close()
+        with contextlib.suppress(ValueError):
+            self._lanes.remove(lane)
 
     @property
     def is_open(self) -> bool:
@@ -166,7 +229,8 @@ class RedisLink:
         await asyncio.gather(*tasks, return_exceptions=True)
         while self._outbox:
             _fail(self._outbox.popleft().future, BrokerUnavailable("redis broker closed"))
-        self._drop_pipe()
+        for lane in self._lanes:
+            lane.close()
         for close in (client.aclose, client.connection_pool.disconnect):
             with contextlib.suppress(RedisError, OSError):
                 await close()
@@ -355,26 +419,7 @@ class RedisLink:
                         command.future.set_result(result)
 
     async def _pipeline(self, calls: list[_Call]) -> list[Any]:
-        """Send calls on the flusher's connection (opened on demand); raw replies."""
-        self.check_ready()
-        try:
-            async with asyncio.timeout(self.timeout_s):
-                pipe = self._pipe
-                if pipe is None or not pipe.is_open:
-                    pipe = self._pipe = await RespConnection.open(
-                        self._options, self.client.connection_pool.make_connection()
-                    )
-                return await pipe.execute([call.args for call in calls])
-        except (OSError, TimeoutError) as exc:
-            # Replies still owed would answer the next batch: this connection is done.
-            self._drop_pipe()
-            self._link_down(exc)
-            raise BrokerUnavailable(f"redis at {self.where}: {_reason(exc)}") from None
-
-    def _drop_pipe(self) -> None:
-        if self._pipe is not None:
-            self._pipe.close()
-            self._pipe = None
+        return await self._flusher.execute([call.args for call in calls], self.timeout_s)
 
 
 async def _load(source: str, client: Any) -> Any:

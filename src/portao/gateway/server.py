@@ -25,7 +25,6 @@ from portao.broker.base import Broker, Member, StateStore
 from portao.config import Settings
 from portao.envelope import (
     ErrorReply,
-    InboxMessage,
     Join,
     Leave,
     Push,
@@ -470,9 +469,12 @@ class Gateway:
             failures = 0
             self.stats.inbox_read_at = time.monotonic()
             for message in messages:
-                await self._dispatch(message)
+                if isinstance(message, Join | Leave):
+                    await self._membership(message)
+                else:
+                    self._dispatch(message)
 
-    async def _dispatch(self, message: InboxMessage) -> None:
+    def _dispatch(self, message: Reply | ErrorReply | Push) -> None:
         match message:
             case Reply(ref=ref, conn=conn_id, data=data):
                 call = self._take_pending(ref, conn_id)
@@ -495,6 +497,9 @@ class Gateway:
                 elif room is not None:
                     for target in list(self.rooms.get(room, ())):
                         self._deliver(target, payload)
+
+    async def _membership(self, message: Join | Leave) -> None:
+        match message:
             case Join(conn=conn_id, room=room, user=user):
                 await self._apply_join(conn_id, room, user)
             case Leave(conn=conn_id, room=room):

@@ -245,14 +245,20 @@ class Session:
 
     def next_deadline(self) -> float | None:
         """When `on_deadline` must run next (epoch seconds), or None."""
-        deadlines: list[float] = []
-        if self.state is State.AWAITING_AUTH:
-            deadlines.append(self._auth_deadline)
-        elif self.state is State.OPEN and self._claims is not None and self._claims.exp is not None:
-            deadlines.append(self._claims.exp)
-        if self._limits.idle_timeout_s and self.state in (State.AWAITING_AUTH, State.OPEN):
-            deadlines.append(self._last_frame_at + self._limits.idle_timeout_s)
-        return min(deadlines) if deadlines else None
+        state = self.state
+        if state is State.OPEN:
+            claims = self._claims
+            deadline = claims.exp if claims is not None else None
+        elif state is State.AWAITING_AUTH:
+            deadline = self._auth_deadline
+        else:
+            return None
+        idle = self._limits.idle_timeout_s
+        if idle:
+            idle_at = self._last_frame_at + idle
+            if deadline is None or idle_at < deadline:
+                return idle_at
+        return deadline
 
     def on_deadline(self, now: float) -> list[Action]:
         """Close the connection if a deadline has passed; else nothing."""
