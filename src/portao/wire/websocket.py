@@ -166,6 +166,13 @@ class WebSocketCodec:
 
     def _handshake(self, request: Request) -> None:
         protocol = self._protocol
+        if protocol.eof_sent:
+            # Bytes sent behind the request were not frames, and websockets gave up
+            # on them before we answered: no response may follow its EOF.
+            reason = "not a WebSocket handshake (bytes after the request are not frames)"
+            self._events.append(FrameError(ErrorCode.BAD_REQUEST, reason, fatal=True))
+            self._failed = True
+            return
         url = urlsplit(request.path)
         if url.path != self._options.path:
             response = protocol.reject(http.HTTPStatus.NOT_FOUND, "no WebSocket endpoint here\n")
