@@ -81,6 +81,18 @@ class Live:
     def open_files(self) -> int:
         return len(os.listdir(f"/proc/{self.process.pid}/fd"))
 
+    async def files_back_to(self, baseline: int, timeout_s: float = 5.0) -> int:
+        """Wait until the process holds at most `baseline` open files; how many it holds.
+
+        A socket closed a moment ago (an admin scrape, the last abuser) may linger
+        briefly; a leaked one never goes.
+        """
+        deadline = time.monotonic() + timeout_s
+        while (files := self.open_files()) > baseline:
+            assert time.monotonic() < deadline, f"{files} open files, {baseline} before"
+            await asyncio.sleep(0.05)
+        return files
+
     def rss_bytes(self) -> int:
         for line in Path(f"/proc/{self.process.pid}/status").read_text().splitlines():
             if line.startswith("VmRSS:"):
