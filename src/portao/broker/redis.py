@@ -24,10 +24,10 @@ import asyncio
 import contextlib
 import logging
 from collections import deque
-from collections.abc import Iterable, Sequence
-from dataclasses import dataclass
-from functools import partial
+from collections.abc import Callable, Iterable, Sequence
 from typing import Any
+
+import msgspec
 
 from portao.broker import redis_scripts as scripts
 from portao.broker.base import DeadLetter, Delivery, Member
@@ -47,6 +47,7 @@ from portao.broker.redis_link import (
     NoGroup,
     RedisLink,
     jitter,
+    script_call,
 )
 from portao.config import Settings
 from portao.envelope import Envelope, InboxMessage, decode_envelope, decode_inbox, encode
@@ -63,6 +64,9 @@ INBOX_BUFFER = 10_000
 INBOX_READ_COUNT = 500
 #: A route's stream is trimmed at most this often (per process).
 TRIM_INTERVAL_S = 1.0
+#: Routes (publish) and gateways (send_to_gateway) whose script call is kept; the
+#: cache starts over past this many.
+MAX_CACHED_CALLS = 10_000
 #: Consumers holding nothing and idle this long are removed from their group.
 STALE_CONSUMER_MS = 3_600_000
 #: Delay before recreating a vanished consumer group again: doubles up to MAX.
@@ -70,8 +74,7 @@ REGROUP_MIN_S = 0.1
 REGROUP_MAX_S = 5.0
 
 
-@dataclass(frozen=True, slots=True)
-class StreamEntry:
+class StreamEntry(msgspec.Struct, frozen=True, gc=False):
     """`Delivery.handle` of this backend: the entry's route and stream id."""
 
     route: str
@@ -121,6 +124,9 @@ class RedisBroker:
         self._listener: asyncio.Task[None] | None = None
 
         self._known_routes: set[str] = set()
+        # Script calls kept per route and per gateway: the hot path builds no key names.
+        self._publishing: dict[str, tuple[tuple[Any, ...], Callable[[Any], None], bool]] = {}
+        self._sending: dict[str, tuple[Any, ...]] = {}
         self._registered: set[str] = set()
         self._turn = 0
         self._next_reclaim = 0.0
@@ -196,38 +202,37 @@ class RedisBroker:
     def publish(self, envelope: Envelope) -> asyncio.Future[None]:
         """Queue the envelope for the next batch now; the future ends with its answer."""
         route = envelope.route
-        accepted: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        publishing = self._publishing.get(route)
+        if publishing is None or (publishing[2] and route in self._known_routes):
+            if len(self._publishing) >= MAX_CACHED_CALLS:
+                self._publishing.clear()  # clients may name any route
+            publishing = self._publishing[route] = self._publishing_to(route)
+        call, finish, _ = publishing
         try:
-            sent = self._link.submit_share(
-                scripts.PUBLISH,
-                [self._keys.routes, self._keys.queue(route), self._keys.backlog(route)],
-                [route, self._max_queue, 0 if route in self._known_routes else 1],
-                [encode(envelope)],
-            )
+            return self._link.submit_share(call, (encode(envelope),), scripts.PUBLISH, finish)
         except BrokerError as exc:
-            accepted.set_exception(exc)
-            return accepted
-        sent.add_done_callback(partial(self._published, route, accepted))
-        return accepted
+            failed: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+            failed.set_exception(exc)
+            return failed
 
-    def _published(
-        self, route: str, accepted: asyncio.Future[None], sent: asyncio.Future[Any]
-    ) -> None:
-        if accepted.done():
-            return
-        if sent.cancelled():
-            accepted.cancel()
-            return
-        error = sent.exception()
-        if error is not None:
-            accepted.set_exception(error)
-        elif (result := sent.result()) == 0:
-            accepted.set_exception(UnknownRoute(f"no worker registered route {route!r}"))
-        elif result == -1:
-            accepted.set_exception(QueueFull(f"route {route!r} holds {self._max_queue} messages"))
-        else:
+    def _publishing_to(self, route: str) -> tuple[tuple[Any, ...], Callable[[Any], None], bool]:
+        """The script call publishing on `route`, what turns its result into an answer,
+        and whether it checks the registry (until the route is known to be registered)."""
+        check = route not in self._known_routes
+        call = script_call(
+            scripts.PUBLISH,
+            [self._keys.routes, self._keys.queue(route), self._keys.backlog(route)],
+            [route, self._max_queue, 1 if check else 0],
+        )
+
+        def finish(result: int) -> None:
+            if result == 0:
+                raise UnknownRoute(f"no worker registered route {route!r}")
+            if result == -1:
+                raise QueueFull(f"route {route!r} holds {self._max_queue} messages")
             self._known_routes.add(route)
-            accepted.set_result(None)
+
+        return call, finish, check
 
     # -- worker side ----------------------------------------------------------------------
 
@@ -586,12 +591,16 @@ class RedisBroker:
 
     async def send_to_gateway(self, gateway_id: str, message: InboxMessage) -> None:
         """XADD to a live gateway's inbox; a gone gateway's message is dropped."""
-        await self._link.submit_share(
-            scripts.SEND,
-            [self._keys.alive(gateway_id), self._keys.inbox(gateway_id)],
-            [INBOX_MAX_ENTRIES],
-            [encode(message)],
-        )
+        call = self._sending.get(gateway_id)
+        if call is None:
+            if len(self._sending) >= MAX_CACHED_CALLS:
+                self._sending.clear()
+            call = self._sending[gateway_id] = script_call(
+                scripts.SEND,
+                [self._keys.alive(gateway_id), self._keys.inbox(gateway_id)],
+                [INBOX_MAX_ENTRIES],
+            )
+        await self._link.submit_share(call, (encode(message),), scripts.SEND)
 
     async def send_to_user(self, user: str, message: InboxMessage) -> None:
         await self._link.eval(

@@ -80,6 +80,8 @@ class _Command:
     script: Script | None
     future: asyncio.Future[Any]
     items: tuple[Any, ...] | None = None
+    # Turns the reply into the future's result; a BrokerError it raises fails the future.
+    finish: Callable[[Any], Any] | None = None
 
 
 @dataclass(slots=True, eq=False)
@@ -328,22 +330,26 @@ class RedisLink:
     def submit_script(
         self, script: Script, keys: Sequence[str], args: Sequence[Any]
     ) -> asyncio.Future[Any]:
-        return self.submit("EVALSHA", script.sha, len(keys), *keys, *args, script=script)
+        return self.submit(*script_call(script, keys, args), script=script)
 
     def submit_share(
-        self, script: Script, keys: Sequence[str], args: Sequence[Any], items: Sequence[Any]
+        self,
+        call: tuple[Any, ...],
+        items: tuple[Any, ...],
+        script: Script,
+        finish: Callable[[Any], Any] | None = None,
     ) -> asyncio.Future[Any]:
-        """Queue one share of a batched script: the call `script(keys, args)` followed
-        by every adjacent share's `items`; the future holds this share's result.
+        """Queue one share of a batched script: `call` (from `script_call`) followed by
+        every adjacent share's `items`; the future holds this share's result, passed
+        through `finish` when given.
 
-        Such a script takes a fixed number of ARGV per share after `args` and
+        Such a script takes a fixed number of ARGV per share after its own and
         returns a list with one result per share. Merging only adjacent shares
         keeps every command in the order it was submitted.
         """
         self.check_ready()
         future: asyncio.Future[Any] = self._loop.create_future()
-        head = ("EVALSHA", script.sha, len(keys), *keys, *args)
-        self._outbox.append(_Command(head, script, future, tuple(items)))
+        self._outbox.append(_Command(call, script, future, items, finish))
         self._outbox_event.set()
         return future
 
@@ -374,9 +380,9 @@ class RedisLink:
             args, items = command.args, command.items
             if items is None:
                 calls.append(_Call(list(args), command.script, [command]))
-                size += sum(len(arg) for arg in args if isinstance(arg, bytes))
+                size += _bytes_in(args)
                 continue
-            size += sum(len(item) for item in items if isinstance(item, bytes))
+            size += _bytes_in(items)
             last = calls[-1] if calls else None
             if last is not None and last.batched and last.commands[0].args == args:
                 last.args.extend(items)
@@ -415,11 +421,32 @@ class RedisLink:
                     commands[0].future.set_result(reply)
             else:
                 for command, result in zip(commands, reply, strict=True):
-                    if not command.future.done():
-                        command.future.set_result(result)
+                    future, finish = command.future, command.finish
+                    if future.done():
+                        continue
+                    if finish is None:
+                        future.set_result(result)
+                        continue
+                    try:
+                        future.set_result(finish(result))
+                    except BrokerError as exc:
+                        future.set_exception(exc)
 
     async def _pipeline(self, calls: list[_Call]) -> list[Any]:
         return await self._flusher.execute([call.args for call in calls], self.timeout_s)
+
+
+def script_call(script: Script, keys: Sequence[str], args: Sequence[Any]) -> tuple[Any, ...]:
+    """The EVALSHA command running `script` (to keep, for `submit_share`)."""
+    return ("EVALSHA", script.sha, len(keys), *keys, *args)
+
+
+def _bytes_in(args: tuple[Any, ...]) -> int:
+    size = 0
+    for arg in args:
+        if type(arg) is bytes:
+            size += len(arg)
+    return size
 
 
 async def _load(source: str, client: Any) -> Any:
