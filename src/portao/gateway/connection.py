@@ -59,6 +59,7 @@ class ClientConnection(asyncio.Protocol):
         "_codec",
         "_gateway",
         "_paused",
+        "_queued",
         "_timer",
         "_timer_at",
         "_transport",
@@ -76,6 +77,7 @@ class ClientConnection(asyncio.Protocol):
         self._transport: asyncio.Transport | None = None
         self._backlog: list[FrameEvent] = []
         self._paused = False
+        self._queued: list[bytes] | None = None  # see queue_payload
         self._closing = False
         self._timer: asyncio.TimerHandle | None = None
         self._timer_at = 0.0
@@ -248,11 +250,40 @@ class ClientConnection(asyncio.Protocol):
         if self._closing:
             return
         self._write(payload)
+        self._check_buffer()
+
+    def _check_buffer(self) -> None:
         transport = self._transport
         assert transport is not None
         if transport.get_write_buffer_size() > self._gateway.settings.outbound_buffer_bytes:
             self._gateway.stats.slow_consumers += 1
             self.close_with(ErrorCode.SLOW_CONSUMER, "outbound buffer full")
+
+    def queue_payload(self, payload: bytes) -> bool:
+        """Hold a message until `flush_queued`, so that the replies one inbox batch
+        holds for this connection leave in one write; True for the first one held."""
+        queued = self._queued
+        if queued is None:
+            self._queued = [payload]
+            return True
+        queued.append(payload)
+        return False
+
+    def flush_queued(self) -> None:
+        """Write what `queue_payload` held (as `send_payload` would, all at once)."""
+        queued, self._queued = self._queued, None
+        if not queued:
+            return
+        if len(queued) == 1:
+            self.send_payload(queued[0])
+            return
+        if self._closing:
+            return
+        transport = self._transport
+        if transport is not None and not transport.is_closing():
+            frame = self._codec.send_frame
+            transport.write(b"".join([frame(payload) for payload in queued]))
+        self._check_buffer()
 
     def _write(self, payload: bytes) -> None:
         transport = self._transport

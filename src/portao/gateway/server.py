@@ -123,6 +123,7 @@ class Gateway:
         self.pending = PendingCalls()
         self.stats = GatewayStats()
         self.conns: dict[int, ClientConnection] = {}
+        self._queued: list[ClientConnection] = []  # connections holding queued messages
         self.users: dict[str, set[int]] = {}
         self.rooms: dict[str, set[int]] = {}
         self.servers: list[asyncio.Server] = []
@@ -470,9 +471,11 @@ class Gateway:
             self.stats.inbox_read_at = time.monotonic()
             for message in messages:
                 if isinstance(message, Join | Leave):
+                    self._flush_queued()  # what came before leaves before the await
                     await self._membership(message)
                 else:
                     self._dispatch(message)
+            self._flush_queued()
 
     def _dispatch(self, message: Reply | ErrorReply | Push) -> None:
         match message:
@@ -533,13 +536,22 @@ class Gateway:
         return call
 
     def _deliver(self, conn_id: int, payload: bytes) -> None:
-        self._changed.set()
+        """Queue a message for a connection; `_flush_queued` writes it (one write per
+        connection however many messages a batch has for it)."""
         conn = self.conns.get(conn_id)
         if conn is None:
             self.stats.dropped_pushes += 1
             return
-        conn.send_payload(payload)
-        self._close_if_drained(conn)
+        if conn.queue_payload(payload):
+            self._queued.append(conn)
+
+    def _flush_queued(self) -> None:
+        self._changed.set()  # calls were answered (or dropped): drain may be done
+        queued = self._queued
+        for conn in queued:
+            conn.flush_queued()
+            self._close_if_drained(conn)
+        queued.clear()
 
     # -- timers ---------------------------------------------------------------------
 
@@ -555,6 +567,7 @@ class Gateway:
                         ErrorCode.TIMEOUT, "no answer before the call's deadline", call.client_id
                     ),
                 )
+            self._flush_queued()
 
     async def _heartbeat_loop(self) -> None:
         while True:
