@@ -194,7 +194,6 @@ async def test_slowloris(live_factory: LiveFactory) -> None:
 # -- clients that never read --------------------------------------------------------------------
 
 
-@pytest.mark.slow
 async def test_clients_that_never_read(live_factory: LiveFactory) -> None:
     """Pushed to and never reading: past the outbound cap each gets `bye slow_consumer`."""
     sinks_count, text = 10, "x" * 32000
@@ -404,6 +403,14 @@ async def test_random_bytes(live_factory: LiveFactory) -> None:
             junk = WS_HANDSHAKE.replace(b"GET / ", b"GET /elsewhere ") + b'"op"'
             await asyncio.get_running_loop().sock_sendall(sock, junk)
             assert await read_to_end(sock, 5) == b""
+        finally:
+            sock.close()
+        # A target that does not even parse as a URL: 404 (it once raised in the codec).
+        sock = await dial(live.ports["ws"])
+        try:
+            bad_target = WS_HANDSHAKE.replace(b"GET / ", b"GET //[x ")
+            await asyncio.get_running_loop().sock_sendall(sock, bad_target)
+            assert (await read_to_end(sock, 5)).startswith(b"HTTP/1.1 404 ")
         finally:
             sock.close()
         ws = await ws_client(live, user="noise")

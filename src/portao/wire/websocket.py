@@ -72,6 +72,15 @@ def close_code_for(code: ErrorCode | None) -> int:
     return WS_CLOSE_CODES.get(code, WS_CLOSE_INTERNAL)
 
 
+def _split_target(target: str) -> tuple[str, str]:
+    """The path and query of a request target; empty ones when it does not parse."""
+    try:
+        url = urlsplit(target)
+    except ValueError:  # "//[x" reads as a malformed IPv6 host
+        return "", ""
+    return url.path, url.query
+
+
 class WebSocketCodec:
     """One WebSocket server connection: handshake, messages, close, keepalive."""
 
@@ -173,8 +182,8 @@ class WebSocketCodec:
             self._events.append(FrameError(ErrorCode.BAD_REQUEST, reason, fatal=True))
             self._failed = True
             return
-        url = urlsplit(request.path)
-        if url.path != self._options.path:
+        path, query = _split_target(request.path)
+        if path != self._options.path:
             response = protocol.reject(http.HTTPStatus.NOT_FOUND, "no WebSocket endpoint here\n")
         else:
             response = protocol.accept(request)
@@ -185,7 +194,7 @@ class WebSocketCodec:
             self._events.append(FrameError(ErrorCode.BAD_REQUEST, reason, fatal=True))
             self._failed = True
             return
-        tokens = parse_qs(url.query).get("token")
+        tokens = parse_qs(query).get("token")
         self._url_token = tokens[0] if tokens else None
         # websockets' parser keeps the request for the connection's whole life (a
         # local of its generator): empty it, which halves what an idle WebSocket
@@ -314,4 +323,3 @@ class WebSocketCodec:
             self._heard = False
             self._pong_due = now + self._options.ping_timeout_s
             self._ping_at = now + self._options.ping_interval_s
-
