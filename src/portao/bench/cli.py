@@ -22,6 +22,29 @@ def _progress(line: str) -> None:
         click.echo(line, err=True)
 
 
+def _secret(ctx: click.Context, param: click.Parameter, path: Path | None) -> str:
+    """The HS256 secret: from --jwt-secret-file, else PORTAO_JWT_SECRET (never a flag)."""
+    from portao.config import load_settings
+    from portao.errors import ConfigError
+
+    try:
+        key = load_settings(jwt_secret_file=path).jwt_key()
+    except ConfigError as exc:
+        raise click.UsageError(str(exc)) from None
+    if key is None:
+        raise click.UsageError("set PORTAO_JWT_SECRET or --jwt-secret-file to mint tokens")
+    return key
+
+
+def secret_option(func: F) -> F:
+    """`--jwt-secret-file` (or PORTAO_JWT_SECRET) as the command's `secret` argument."""
+    return click.option(
+        "--jwt-secret-file", "secret", callback=_secret,
+        type=click.Path(exists=True, dir_okay=False, path_type=Path),
+        help="File holding the gateway's HS256 secret (default: PORTAO_JWT_SECRET).",
+    )(func)
+
+
 def load_options(func: F) -> F:
     """Options every scenario shares."""
     options = [
@@ -34,8 +57,7 @@ def load_options(func: F) -> F:
         click.option("-d", "--duration", "duration_s", type=float, default=10.0,
                      show_default=True, help="Measured seconds."),
         click.option("--warmup", "warmup_s", type=float, default=1.0, show_default=True),
-        click.option("--jwt-secret", "secret", envvar="PORTAO_JWT_SECRET", required=True,
-                     help="The gateway's HS256 secret (or PORTAO_JWT_SECRET), to mint tokens."),
+        secret_option,
         click.option("--server-pid", type=int, default=None,
                      help="Server process to sample (default: whoever listens on the port)."),
         click.option("--timeout", "timeout_s", type=float, default=10.0, show_default=True),
@@ -112,8 +134,7 @@ def _host_port(url: str) -> tuple[str, int]:
 @bench.command()
 @click.argument("app", default="portao.demo:app")
 @click.option("--listen", default="tcp://127.0.0.1:7978", show_default=True)
-@click.option("--jwt-secret", "secret", envvar="PORTAO_JWT_SECRET", required=True,
-              help="HS256 secret (or PORTAO_JWT_SECRET).")
+@secret_option
 def baseline(app: str, listen: str, secret: str) -> None:
     """The "before" server: thread per client, handlers on the socket thread."""
     from portao.bench.baseline import main
@@ -195,8 +216,7 @@ def compare(
 
 @bench.command()
 @click.option("--listen", default="socketio://127.0.0.1:7979", show_default=True)
-@click.option("--jwt-secret", "secret", envvar="PORTAO_JWT_SECRET", required=True,
-              help="HS256 secret (or PORTAO_JWT_SECRET).")
+@secret_option
 @click.option("--redis", "redis_url", default="redis://127.0.0.1:6379/0", show_default=True,
               help="Redis for the Socket.IO manager ('' for none).")
 @click.option("--channel", default="portao-bench-socketio", show_default=True)
