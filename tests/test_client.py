@@ -15,7 +15,15 @@ from typing import Any
 
 import pytest
 
-from portao.client import Backoff, Client, Push, _parse_command, connect, run_interactive
+from portao.client import (
+    HELP,
+    Backoff,
+    Client,
+    Push,
+    _parse_command,
+    connect,
+    run_interactive,
+)
 from portao.errors import ConnectionClosed, ErrorCode, RequestError
 from portao.wire.events import (
     Auth,
@@ -401,6 +409,17 @@ async def test_run_interactive(client: Client) -> None:
     assert {"op": "pong", "id": "r"} in lines
 
 
+async def test_run_interactive_help_and_auth(gateway: FakeGateway) -> None:
+    async with await connect(gateway.url) as client:
+        stdout, notes = io.StringIO(), io.StringIO()
+        stdin = io.StringIO("help\nauth good\ncall echo 1\n")
+        assert await run_interactive(client, stdin, stdout, notes) == 0
+    assert notes.getvalue() == HELP + "\n"  # help text stays off the JSON lines
+    lines = [json.loads(line) for line in stdout.getvalue().splitlines()]
+    assert [line["op"] for line in lines] == ["ok", "reply"]
+    assert gateway.auths == 1
+
+
 async def test_run_interactive_quit_and_closed(client: Client) -> None:
     stdout = io.StringIO()
     assert await run_interactive(client, io.StringIO("quit\nping\n"), stdout) == 0
@@ -423,6 +442,8 @@ async def test_run_interactive_quit_and_closed(client: Client) -> None:
         ("unsub room", {"op": "unsub", "room": "room"}),
         ("  ping  ", {"op": "ping"}),
         ("quit", {"op": "quit"}),
+        ("help", {"op": "help"}),
+        ("auth a.b.c", {"op": "auth", "token": "a.b.c"}),
         ('raw {"op": "x"}', {"op": "raw", "message": {"op": "x"}}),
         ("", {}),
         ("# note", {}),
@@ -442,7 +463,9 @@ def test_parse_command(line: str, expected: dict[str, Any]) -> None:
         ("call r {", "invalid JSON"),
         ("raw [1]", "JSON object"),
         ("raw", "cannot parse"),
+        ("auth", "cannot parse"),
         ("fly me", "commands: call ROUTE"),
+        ("fly me", "help"),
     ],
 )
 def test_parse_command_errors(line: str, error: str) -> None:

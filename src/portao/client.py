@@ -634,18 +634,31 @@ async def connect(
 # -- the interactive client (`portao client`) ------------------------------------
 
 USAGE: Final = (
-    "commands: call ROUTE [JSON] | send ROUTE [JSON] | sub ROOM | unsub ROOM | ping"
-    " | raw JSON | quit"
+    "commands: call ROUTE [JSON] | send ROUTE [JSON] | sub ROOM | unsub ROOM | auth TOKEN"
+    " | ping | raw JSON | help | quit"
 )
+HELP: Final = """\
+call ROUTE [JSON]  call a route; prints its reply (or error)
+send ROUTE [JSON]  send to a route; prints the broker's ack
+sub ROOM           join a room; its pushes print as they arrive
+unsub ROOM         leave a room
+auth TOKEN         authenticate, or refresh the token
+ping               a round trip to the gateway
+raw JSON           send a message as it is; its answer prints as it comes
+help               this list
+quit               leave (so does end of input)"""
 _STDIN_LINES_AHEAD: Final = 64
 
 
-async def run_interactive(client: Client, stdin: TextIO, stdout: TextIO) -> int:
+async def run_interactive(
+    client: Client, stdin: TextIO, stdout: TextIO, notes: TextIO | None = None
+) -> int:
     """Run commands read from `stdin`, one per line; print answers and pushes as JSON.
 
     Each answer, each push and each message no command waited for (a `bye`, the
     answer to a `raw` message) is one JSON line on `stdout`, as it arrives; a line
     that is not a command gets a `client_error` line. Commands run one at a time.
+    `help` writes the list of commands to `notes` (plain text; default `stdout`).
     Returns 0 at EOF or `quit`, 1 when the connection closed for good.
     """
 
@@ -665,6 +678,9 @@ async def run_interactive(client: Client, stdin: TextIO, stdout: TextIO) -> int:
                     emit({"op": "client_error", "message": command})
                 elif command.get("op") == "quit":
                     break
+                elif command.get("op") == "help":
+                    (notes or stdout).write(HELP + "\n")
+                    (notes or stdout).flush()
                 elif not await _run_command(client, command, emit):
                     return 1
             # A round trip, so answers to `raw` messages sent before EOF are in.
@@ -690,7 +706,9 @@ def _parse_command(line: str) -> dict[str, Any] | str:
                 return {"op": verb, "route": route, "data": json.loads(data[0]) if data else None}
             case (("sub" | "unsub"), [room]):
                 return {"op": verb, "room": room}
-            case (("ping" | "quit"), []):
+            case "auth", [token]:
+                return {"op": "auth", "token": token}
+            case (("ping" | "quit" | "help"), []):
                 return {"op": verb}
             case "raw", [_, *_]:
                 message = json.loads(line.split(maxsplit=1)[1])
