@@ -1,8 +1,9 @@
 """The `portao` command line.
 
 Every setting of `portao.config.Settings` is also a flag (`--max-frame-bytes`),
-generated from the model so the two never drift; flags beat `PORTAO_*`
-environment variables, which beat the `--config` TOML file.
+generated from the model so the two never drift; each command offers the flags of
+the settings it reads (`COMMAND_SETTINGS`). Flags beat `PORTAO_*` environment
+variables, which beat the `--config` TOML file.
 """
 
 from __future__ import annotations
@@ -14,13 +15,22 @@ import typing
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
+from urllib.parse import quote
 
 import click
 import uvloop
 from pydantic import SecretStr
 
 from portao.bench.cli import bench
-from portao.config import Settings, env_name, load_settings
+from portao.config import (
+    COMMAND_DEFAULTS,
+    COMMAND_SETTINGS,
+    Settings,
+    describe_os_error,
+    env_name,
+    for_command,
+    load_settings,
+)
 from portao.errors import ConfigError, PortaoError
 from portao.logs import setup_logging
 
@@ -36,11 +46,11 @@ def _click_type(annotation: Any) -> tuple[Any, bool]:
     args = [a for a in typing.get_args(annotation) if a is not type(None)]
     if origin is list:
         return str, True
-    if origin is typing.Literal:
-        return click.Choice([str(a) for a in typing.get_args(annotation)]), False
+    if origin is typing.Literal:  # `--log-level DEBUG` is `debug`
+        return click.Choice([str(a) for a in args], case_sensitive=False), False
     if args and origin is not None:
         return _click_type(args[0])
-    if annotation in (int, float, str):
+    if annotation in (int, float, str, bool):
         return annotation, False
     if annotation is Path:
         return click.Path(path_type=Path), False
@@ -49,26 +59,52 @@ def _click_type(annotation: Any) -> tuple[Any, bool]:
     return str, False
 
 
-def settings_options(func: F) -> F:
-    """Add `--config` and one flag per setting to a command."""
-    for name, field in reversed(list(Settings.model_fields.items())):
-        if name in _NOT_FLAGS:
-            continue
-        kind, multiple = _click_type(field.annotation)
-        func = click.option(
-            "--" + name.replace("_", "-"),
-            name,
-            type=kind,
-            multiple=multiple,
-            default=None,
-            help=f"{field.description} (default {field.get_default(call_default_factory=True)!r})",
+def settings_options(command: str | None = None) -> Callable[[F], F]:
+    """Add `--config` and a flag per setting `command` reads (no command: every setting)."""
+    names = COMMAND_SETTINGS[command] if command else set(Settings.model_fields)
+    defaults = COMMAND_DEFAULTS.get(command or "", {})
+
+    def decorate(func: F) -> F:
+        for name, field in reversed(list(Settings.model_fields.items())):
+            if name in names and name not in _NOT_FLAGS:
+                default = defaults.get(name, field.get_default(call_default_factory=True))
+                func = _setting_option(name, field.annotation, field.description, default)(func)
+        return click.option(
+            "--config",
+            "config_file",
+            type=click.Path(exists=True, dir_okay=False, path_type=Path),
+            help="TOML settings file.",
         )(func)
+
+    return decorate
+
+
+def _setting_option(
+    name: str, annotation: Any, description: str | None, default: Any
+) -> Callable[[F], F]:
+    """The flag of one setting; unset (None) unless given, so lower sources show through."""
+    flag = "--" + name.replace("_", "-")
+    kind, multiple = _click_type(annotation)
+    shown = _shown_default(default)
+    help_text = f"{description} [default: {shown}]" if shown else description
+    if kind is bool:
+        return click.option(f"{flag}/--no-{flag[2:]}", name, default=None, help=help_text)
+    # Choices as the model spells them (click would show them case-folded).
+    metavar = f"[{'|'.join(kind.choices)}]" if isinstance(kind, click.Choice) else None
     return click.option(
-        "--config",
-        "config_file",
-        type=click.Path(exists=True, dir_okay=False, path_type=Path),
-        help="TOML settings file.",
-    )(func)
+        flag, name, type=kind, multiple=multiple, default=None, help=help_text, metavar=metavar
+    )
+
+
+def _shown_default(default: Any) -> str:
+    """A default as `--help` shows it; "" for none."""
+    if default is None or default == []:
+        return ""
+    if isinstance(default, bool):
+        return "on" if default else "off"
+    if isinstance(default, list):
+        return ", ".join(map(str, default))
+    return str(default)
 
 
 def _settings(config_file: Path | None, flags: dict[str, Any], **fixed: Any) -> Settings:
@@ -88,6 +124,16 @@ def _run(coro: Any) -> Any:
         raise click.ClickException(str(exc)) from None
 
 
+def _load_app(path: str) -> Any:
+    """The App at `module:attr`; a path that names no app is a usage error."""
+    from portao.worker.app import load_app
+
+    try:
+        return load_app(path)
+    except ConfigError as exc:
+        raise click.UsageError(str(exc)) from None
+
+
 @click.group()
 @click.version_option(package_name="portao")
 def main() -> None:
@@ -96,24 +142,25 @@ def main() -> None:
 
 @main.command()
 @click.argument("app", default="portao.demo:app")
-@settings_options
+@settings_options("run")
 def run(app: str, config_file: Path | None, **flags: Any) -> None:
-    """Gateway and workers in one process on the memory broker (development)."""
-    from portao.runtime import RUN_ADMIN, raise_open_file_limit, serve_embedded
+    """Gateway and workers in one process on the memory broker (development).
+
+    APP is `module:attr`, looked up from the current directory too.
+    """
+    from portao.runtime import raise_open_file_limit, serve_embedded, websocket_url
     from portao.session.auth import generate_secret, mint_token
-    from portao.worker.app import load_app
 
     raise_open_file_limit()
-    settings = _settings(config_file, flags, broker="memory://")
-    admin_required = settings.admin is not None  # the default address may be busy
-    if settings.admin is None:
-        settings = settings.model_copy(update={"admin": RUN_ADMIN})
+    given = _settings(config_file, flags, broker="memory://")
+    admin_required = given.admin is not None  # the default address may be busy
+    settings = for_command(given, "run")
     generated = None
     if settings.jwt_key() is None:
         generated = generate_secret()
         settings = settings.model_copy(update={"jwt_secret": SecretStr(generated)})
     setup_logging(settings)
-    application = load_app(app)
+    application = _load_app(app)
 
     def banner(gateway: Any, admin: Any) -> None:
         addrs = ", ".join(f"{s.url}" for s in gateway.specs)
@@ -133,16 +180,23 @@ def run(app: str, config_file: Path | None, **flags: Any) -> None:
                 err=True,
             )
             click.echo(token)
-            if page is not None:
+            ws = websocket_url(gateway)
+            if page is not None and ws is None:
+                click.echo(
+                    "no chat page link: the page needs a ws:// listener "
+                    "(add --listen ws://127.0.0.1:7879/)",
+                    err=True,
+                )
+            elif page is not None:
                 click.echo("the chat page as alice:", err=True)
-                click.echo(f"{page}?token={token}")
+                click.echo(f"{page}?token={token}&ws={quote(ws or '', safe=':/[]')}")
         sys.stdout.flush()
 
     _run(serve_embedded(settings, application, admin_required=admin_required, on_ready=banner))
 
 
 @main.command()
-@settings_options
+@settings_options("gateway")
 def gateway(config_file: Path | None, **flags: Any) -> None:
     """A gateway process on a real broker (--broker redis://… or amqp://…).
 
@@ -150,7 +204,7 @@ def gateway(config_file: Path | None, **flags: Any) -> None:
     """
     from portao.runtime import raise_open_file_limit, serve_gateway
 
-    settings = _settings(config_file, flags)
+    settings = for_command(_settings(config_file, flags), "gateway")
     setup_logging(settings)
     if settings.processes > 1:
         from portao.supervisor import Supervisor
@@ -166,27 +220,33 @@ def gateway(config_file: Path | None, **flags: Any) -> None:
 
 @main.command()
 @click.argument("app", default="portao.demo:app")
-@settings_options
+@settings_options("worker")
 def worker(app: str, config_file: Path | None, **flags: Any) -> None:
-    """A worker process running APP's handlers (--broker required)."""
-    from portao.runtime import serve_worker
-    from portao.worker.app import load_app
+    """A worker process running APP's handlers (--broker required).
 
-    settings = _settings(config_file, flags)
+    APP is `module:attr`, looked up from the current directory too.
+    """
+    from portao.runtime import serve_worker
+
+    settings = for_command(_settings(config_file, flags), "worker")
     setup_logging(settings)
-    _run(serve_worker(settings, load_app(app)))
+    application = _load_app(app)
+    _run(serve_worker(settings, application))
 
 
 @main.command()
 @click.option("--sub", "sub", required=True, help="User id (the token's `sub`).")
 @click.option("--rooms", default=None, help="Comma-separated room patterns (`*` wildcard).")
-@click.option("--ttl", "ttl_s", type=float, default=3600.0, show_default=True)
+@click.option(
+    "--ttl", "ttl_s", type=float, default=3600.0, show_default=True, metavar="SECONDS",
+    help="Lifetime in seconds (the token's `exp`).",
+)
 @click.option(
     "--private-key",
     type=click.Path(exists=True, dir_okay=False, path_type=Path),
     help="PEM private key for RS256/ES256.",
 )
-@settings_options
+@settings_options("token")
 def token(
     sub: str,
     rooms: str | None,
@@ -218,21 +278,48 @@ def token(
     click.echo(minted)
 
 
+#: Where `portao client` dials without a URL: `portao run`'s TCP listener.
+CLIENT_URL = "tcp://127.0.0.1:7878"
+_NO_TOKEN_HINT = (
+    "no token: the gateway answers only `auth` and `ping`, and closes the connection "
+    "unless you authenticate within its auth_timeout_s (10 s by default). Mint a token "
+    "with `PORTAO_JWT_SECRET=… portao token --sub NAME` and pass it with --token or "
+    "PORTAO_TOKEN, or type `auth TOKEN` now."
+)
+
+
 @main.command()
-@click.argument("url", default="tcp://127.0.0.1:7878")
+@click.argument("url", default=CLIENT_URL)
 @click.option("--token", "token_", envvar="PORTAO_TOKEN", help="JWT (or PORTAO_TOKEN).")
 def client(url: str, token_: str | None) -> None:
-    """Interactive client: type `call ROUTE JSON`, `send ROUTE JSON`, `sub ROOM`…"""
+    """Interactive client of the gateway at URL (default tcp://127.0.0.1:7878).
+
+    Reads commands, one a line: `call ROUTE JSON`, `send ROUTE JSON`, `sub ROOM`…
+    (`help` lists them); prints answers and pushes as JSON lines. Exit status 1
+    when the gateway closed the connection.
+    """
     from portao.client import connect, run_interactive
 
-    async def main_() -> None:
-        conn = await connect(url, token=token_)
+    async def main_() -> int:
         try:
-            await run_interactive(conn, sys.stdin, sys.stdout)
+            conn = await connect(url, token=token_)
+        except ValueError as exc:
+            raise click.UsageError(str(exc)) from None
+        except OSError as exc:
+            raise click.ClickException(
+                f"cannot connect to {url}: {describe_os_error(exc)}"
+            ) from None
+        try:
+            if conn.user is None:
+                click.echo(f"connected to {url} (not authenticated)", err=True)
+                click.echo(_NO_TOKEN_HINT, err=True)
+            else:
+                click.echo(f"connected to {url} as {conn.user}", err=True)
+            return await run_interactive(conn, sys.stdin, sys.stdout, sys.stderr)
         finally:
             await conn.aclose()
 
-    _run(main_())
+    sys.exit(_run(main_()))
 
 
 @main.group()
@@ -241,11 +328,21 @@ def config() -> None:
 
 
 @config.command("show")
-@settings_options
-def config_show(config_file: Path | None, **flags: Any) -> None:
-    """Print the effective settings as JSON, secrets masked."""
+@click.argument("command", required=False, type=click.Choice(["run", "gateway", "worker"]))
+@settings_options()
+def config_show(command: str | None, config_file: Path | None, **flags: Any) -> None:
+    """Print the settings as JSON, secrets masked.
+
+    With COMMAND: the settings that command reads, with its own defaults filled in
+    (`portao config show gateway`). Without: every setting as given, unset ones
+    as their model default (an empty `listen`, a null `admin`).
+    """
     settings = _settings(config_file, flags)
-    click.echo(json.dumps(settings.public_dict(), indent=2, sort_keys=True))
+    shown = settings.public_dict()
+    if command is not None:
+        effective = for_command(settings, command).public_dict()
+        shown = {name: effective[name] for name in COMMAND_SETTINGS[command]}
+    click.echo(json.dumps(shown, indent=2, sort_keys=True))
 
 
 @config.command("reference")
@@ -255,17 +352,24 @@ def config_reference() -> None:
 
 
 def settings_reference() -> str:
-    """Every setting as a Markdown table row: name, flag, environment, default, meaning."""
+    """Every setting as a Markdown table row: name, flag, environment, defaults, commands…"""
     rows = [
-        "| setting | flag | environment | default | meaning |",
-        "|---|---|---|---|---|",
+        "| setting | flag | environment | default | commands | meaning |",
+        "|---|---|---|---|---|---|",
     ]
     for name, field in Settings.model_fields.items():
         flag = "—" if name in _NOT_FLAGS else f"`--{name.replace('_', '-')}`"
-        default = field.get_default(call_default_factory=True)
-        shown = "unset" if default is None or default == [] else f"`{default}`"
+        shown = _shown_default(field.get_default(call_default_factory=True))
+        per_command = [
+            f"{command}: `{_shown_default(defaults[name])}`"
+            for command, defaults in COMMAND_DEFAULTS.items()
+            if name in defaults
+        ]
+        default = "; ".join(per_command) or (f"`{shown}`" if shown else "unset")
+        commands = ", ".join(c for c, names in COMMAND_SETTINGS.items() if name in names)
         rows.append(
-            f"| `{name}` | {flag} | `{env_name(name)}` | {shown} | {field.description} |"
+            f"| `{name}` | {flag} | `{env_name(name)}` | {default} | {commands} "
+            f"| {field.description} |"
         )
     return "\n".join(rows)
 

@@ -12,12 +12,13 @@ where the value came from.
 from __future__ import annotations
 
 import difflib
+import os
 import resource
 import tomllib
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any, Literal
-from urllib.parse import urlsplit, urlunsplit
+from urllib.parse import urlsplit
 
 from pydantic import Field, SecretStr, ValidationError, field_validator, model_validator
 from pydantic_settings import BaseSettings, EnvSettingsSource, SettingsConfigDict
@@ -32,6 +33,14 @@ MASK = "**********"
 _URL_FIELDS = ("broker", "state")
 #: `--admin off` (or "") turns the admin listener off, even where it is on by default.
 ADMIN_OFF = ("off", "")
+#: HS256 keys shorter than the hash output are refused (RFC 7518 §3.2).
+MIN_SECRET_BYTES = 32
+
+#: Listeners of `portao run` and `portao gateway` when `listen` is empty.
+RUN_LISTEN = ["tcp://127.0.0.1:7878", "ws://127.0.0.1:7879"]
+GATEWAY_LISTEN = ["tcp://0.0.0.0:7878"]
+#: The admin listener of `portao run` when `admin` is unset (elsewhere: off).
+RUN_ADMIN = "127.0.0.1:7880"
 
 
 class Settings(BaseSettings):
@@ -48,7 +57,7 @@ class Settings(BaseSettings):
         "Environment: a JSON list.",
     )
     broker: str | None = Field(
-        None, description="Broker URL: redis://, rediss://, amqp://, amqps:// (memory:// in run)."
+        None, description="Broker URL: redis://, rediss://, amqp://, amqps://."
     )
     state: str | None = Field(
         None, description="State store URL (redis://) for room members and once-keys with amqp://."
@@ -61,7 +70,7 @@ class Settings(BaseSettings):
     admin: str | None = Field(
         None,
         description="Admin HTTP listener HOST:PORT (/metrics, /healthz, /readyz, chat page); "
-        "'off' disables it. On at 127.0.0.1:7880 in `portao run`.",
+        "'off' disables it.",
     )
     processes: int = Field(
         1, ge=1, le=256, description="Gateway processes sharing the listen ports (SO_REUSEPORT)."
@@ -162,6 +171,28 @@ class Settings(BaseSettings):
             parse_host_port(value)
         return value
 
+    @field_validator("broker", "state")
+    @classmethod
+    def _check_url(cls, value: str | None) -> str | None:
+        if value is not None:
+            try:
+                urlsplit(value).port  # noqa: B018  (parsing the port is the check)
+            except ValueError as exc:  # the message quotes no part of the URL
+                raise ValueError(f"malformed URL: {exc}") from None
+        return value
+
+    @field_validator("jwt_secret")
+    @classmethod
+    def _check_secret(cls, value: SecretStr | None) -> SecretStr | None:
+        if value is not None:
+            _check_secret_length(value.get_secret_value(), "the HS256 secret")
+        return value
+
+    @field_validator("log_level", "log_format", mode="before")
+    @classmethod
+    def _lower(cls, value: Any) -> Any:
+        return value.lower() if isinstance(value, str) else value
+
     @model_validator(mode="after")
     def _check(self) -> Settings:
         if self.heartbeat_s >= self.presence_ttl_s:
@@ -174,6 +205,9 @@ class Settings(BaseSettings):
             path = getattr(self, name)
             if path is not None and not path.is_file():
                 raise ValueError(f"{name}: {str(path)!r} is not a readable file")
+        if self.jwt_secret_file is not None:
+            secret = _read_secret(self.jwt_secret_file)
+            _check_secret_length(secret, f"jwt_secret_file: the secret in {self.jwt_secret_file}")
         return self
 
     def __repr_args__(self) -> Iterator[tuple[str | None, Any]]:
@@ -201,7 +235,7 @@ class Settings(BaseSettings):
             if self.jwt_secret is not None:
                 return self.jwt_secret.get_secret_value()
             if self.jwt_secret_file is not None:
-                return self.jwt_secret_file.read_text().strip()
+                return _read_secret(self.jwt_secret_file)
             return None
         if self.jwt_public_key_file is None:
             return None
@@ -218,6 +252,72 @@ class Settings(BaseSettings):
         return out
 
 
+def _read_secret(path: Path) -> str:
+    return path.read_text().strip()
+
+
+def _check_secret_length(secret: str, what: str) -> None:
+    if len(secret.encode()) < MIN_SECRET_BYTES:
+        raise ValueError(
+            f"{what} must be at least {MIN_SECRET_BYTES} bytes (RFC 7518 §3.2); "
+            "make one with `openssl rand -hex 32`"
+        )
+
+
+#: Settings by role; each command offers the flags of the roles it plays.
+_SERVES = frozenset({"admin", "log_level", "log_format"})
+_BROKER = frozenset({
+    "broker", "state", "prefix", "max_queue_length", "max_attempts", "visibility_timeout_s",
+    "presence_ttl_s",
+})  # fmt: skip
+_AUTH = frozenset({"jwt_secret", "jwt_secret_file", "jwt_public_key_file", "jwt_algorithm"})
+_GATEWAY = _AUTH | {
+    "listen", "processes", "tls_cert", "tls_key", "ws_origins", "ws_compression",
+    "max_frame_bytes", "auth_timeout_s", "idle_timeout_s", "call_timeout_s", "rate_limit_per_s",
+    "rate_burst", "max_pending_calls", "max_connections", "outbound_buffer_bytes",
+    "drain_timeout_s", "heartbeat_s",
+}  # fmt: skip
+_WORKER = frozenset({
+    "max_attempts", "retry_delay_s", "visibility_timeout_s", "handler_timeout_s",
+    "worker_concurrency", "drain_timeout_s",
+})  # fmt: skip
+#: The settings each command reads (its flags, less those never offered as flags).
+#: `run` is gateway and worker on the memory broker: no broker URLs, one process.
+COMMAND_SETTINGS: dict[str, frozenset[str]] = {
+    "run": (_SERVES | _GATEWAY | _WORKER | _BROKER) - {"broker", "state", "prefix", "processes"},
+    "gateway": _SERVES | _GATEWAY | _BROKER,
+    "worker": _SERVES | _WORKER | _BROKER,
+    "token": frozenset({"jwt_secret", "jwt_secret_file", "jwt_algorithm"}),
+}
+#: Where a command's default differs from the model's (unset `listen`, `admin`).
+COMMAND_DEFAULTS: dict[str, dict[str, Any]] = {
+    "run": {"listen": RUN_LISTEN, "admin": RUN_ADMIN},
+    "gateway": {"listen": GATEWAY_LISTEN, "admin": "off"},
+    "worker": {"admin": "off"},
+}
+
+
+def for_command(settings: Settings, command: str) -> Settings:
+    """The settings `command` runs with: its own defaults where a setting is unset."""
+    unset = {
+        name: list(value) if isinstance(value, list) else value
+        for name, value in COMMAND_DEFAULTS.get(command, {}).items()
+        if getattr(settings, name) in (None, [])
+    }
+    return settings.model_copy(update=unset) if unset else settings
+
+
+def describe_os_error(exc: OSError) -> str:
+    """Why a socket call failed, as an error message says it ("connection refused")."""
+    if isinstance(exc, TimeoutError):
+        return "timed out"
+    if exc.errno is not None and exc.errno > 0:
+        text = os.strerror(exc.errno)
+    else:  # getaddrinfo's errors (negative numbers), or no number at all
+        text = exc.strerror or str(exc) or type(exc).__name__
+    return text[:1].lower() + text[1:]
+
+
 def parse_host_port(value: str) -> tuple[str, int]:
     """`HOST:PORT` (or `[IPv6]:PORT`) into (host, port); `ValueError` says what is wrong."""
     host, sep, port = value.rpartition(":")
@@ -228,12 +328,18 @@ def parse_host_port(value: str) -> tuple[str, int]:
 
 
 def mask_url(url: str) -> str:
-    """The URL with its password replaced by the mask."""
-    parts = urlsplit(url)
-    if parts.password is None:
+    """The URL with its password replaced by the mask.
+
+    Plain text work, no URL parser: a malformed URL (`[::1`, a `/` in the password)
+    is masked too. Everything from the first `:` after the user to the last `@` is
+    the password.
+    """
+    scheme, sep, rest = url.partition("://")
+    userinfo, at, host = rest.rpartition("@")
+    user, colon, _ = userinfo.partition(":")
+    if not (sep and at and colon):
         return url
-    netloc = f"{parts.username or ''}:{MASK}@{parts.netloc.rpartition('@')[2]}"
-    return urlunsplit(parts._replace(netloc=netloc))
+    return f"{scheme}://{user}:{MASK}@{host}"
 
 
 def env_name(field: str) -> str:
@@ -270,7 +376,7 @@ def load_settings(config_file: Path | None = None, **overrides: Any) -> Settings
 
 
 def _read_file(config_file: Path) -> dict[str, Any]:
-    """The settings table of a TOML file (`[portao]`, or the top level)."""
+    """The settings table of a TOML file (`[portao]`, or the top level: not both)."""
     try:
         data = tomllib.loads(config_file.read_text())
     except (OSError, UnicodeDecodeError, tomllib.TOMLDecodeError) as exc:
@@ -278,6 +384,12 @@ def _read_file(config_file: Path) -> dict[str, Any]:
     table = data.get("portao", data)
     if not isinstance(table, dict):
         raise ConfigError(f"config file {config_file}: [portao] must be a table")
+    outside = sorted(key for key in data if key != "portao")
+    if table is not data and outside:
+        raise ConfigError(
+            f"config file {config_file}: settings both in [portao] and at the top level "
+            f"({', '.join(outside)}); keep them in one place"
+        )
     return {key.replace("-", "_"): value for key, value in table.items()}
 
 

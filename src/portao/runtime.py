@@ -9,6 +9,7 @@ right after start until the drain has ended: `/readyz` answers 503 while drainin
 from __future__ import annotations
 
 import asyncio
+import errno
 import logging
 import resource
 import signal
@@ -22,7 +23,13 @@ from portao.admin.server import AdminServer, ReadyCheck, build_admin_app
 from portao.broker.base import Broker, StateStore
 from portao.broker.factory import create_broker, create_state
 from portao.broker.memory import MemoryBroker
-from portao.config import Settings
+from portao.config import (
+    GATEWAY_LISTEN,
+    RUN_LISTEN,
+    Settings,
+    describe_os_error,
+    mask_url,
+)
 from portao.errors import ConfigError
 from portao.gateway.server import Gateway
 from portao.session.auth import TokenVerifier
@@ -31,9 +38,9 @@ from portao.worker.runner import Worker
 
 log = logging.getLogger("portao")
 
-RUN_LISTEN = ["tcp://127.0.0.1:7878", "ws://127.0.0.1:7879"]
-GATEWAY_LISTEN = ["tcp://0.0.0.0:7878"]
-RUN_ADMIN = "127.0.0.1:7880"
+#: Why binding a listener fails (address taken, not ours, not allowed); getaddrinfo's
+#: errors (a host that does not resolve) have negative numbers.
+_BIND_ERRNOS = frozenset({errno.EADDRINUSE, errno.EADDRNOTAVAIL, errno.EACCES})
 
 OnReady = Callable[[Gateway, AdminServer | None], Awaitable[None] | None]
 
@@ -64,7 +71,9 @@ def make_broker(settings: Settings) -> tuple[Broker, StateStore]:
     if isinstance(broker, StateStore):
         return broker, broker
     if not settings.state:
-        raise ConfigError(f"state: --state redis://… is required with {settings.broker!r}")
+        raise ConfigError(
+            f"state: --state redis://… is required with {mask_url(settings.broker)!r}"
+        )
     return broker, create_state(settings.state, settings)
 
 
@@ -86,10 +95,43 @@ async def start_admin(
         await server.start()
     except OSError as exc:
         if required:
-            raise ConfigError(f"admin: cannot listen on {settings.admin}: {exc.strerror}") from None
-        log.warning("admin listener off: cannot listen on %s: %s", settings.admin, exc.strerror)
+            raise ConfigError(f"admin: {cannot_listen(settings.admin, exc)}") from None
+        log.warning("admin listener off: %s", cannot_listen(settings.admin, exc))
         return None
     return server
+
+
+def cannot_listen(where: object, exc: OSError) -> str:
+    """The message of a listener that could not bind: where, and why in plain words."""
+    return f"cannot listen on {where}: {describe_os_error(exc)}"
+
+
+async def start_gateway(gateway: Gateway) -> None:
+    """Start the gateway; a listener that cannot bind is a `ConfigError` naming its URL."""
+    try:
+        await gateway.start()
+    except OSError as exc:
+        opened = len(gateway.servers)  # listeners open in `--listen` order
+        if opened == len(gateway.specs) or not (
+            exc.errno in _BIND_ERRNOS or (exc.errno or 0) < 0
+        ):
+            raise
+        raise ConfigError(cannot_listen(gateway.specs[opened].url, exc)) from None
+
+
+def reachable_host(host: str) -> str:
+    """Where to reach a listener bound to `host` from this machine."""
+    return {"0.0.0.0": "127.0.0.1", "::": "::1", "": "127.0.0.1"}.get(host, host)
+
+
+def websocket_url(gateway: Gateway) -> str | None:
+    """What a browser on this machine dials for the first ws:// (or wss://) listener."""
+    for spec, (_, port) in zip(gateway.specs, gateway.addresses, strict=True):
+        if spec.websocket is not None:
+            host = reachable_host(spec.host)
+            host = f"[{host}]" if ":" in host else host
+            return f"{spec.scheme}://{host}:{port}{spec.websocket.path}"
+    return None
 
 
 async def _announce(
@@ -120,7 +162,7 @@ async def serve_embedded(
     await broker.register_routes(app.routes)
     worker_task = asyncio.create_task(worker.run(), name="embedded-worker")
     try:
-        await gateway.start()
+        await start_gateway(gateway)
         admin = await start_admin(
             settings, registry, _async(gateway.is_ready), required=admin_required
         )
@@ -153,7 +195,7 @@ async def serve_gateway(
     stop = stop_event()
     admin: AdminServer | None = None
     try:
-        await gateway.start()
+        await start_gateway(gateway)
         admin = await start_admin(settings, registry, _async(gateway.is_ready))
         await _announce(on_ready, gateway, admin)
         await stop.wait()

@@ -49,15 +49,16 @@ from prometheus_client.process_collector import ProcessCollector
 from prometheus_client.registry import Collector, CollectorRegistry
 
 from portao.admin.server import AdminServer, build_admin_app
-from portao.config import Settings
+from portao.config import GATEWAY_LISTEN, Settings
 from portao.errors import ConfigError, PortaoError
 from portao.gateway.listeners import parse_listen
 from portao.gateway.server import Gateway
 from portao.logs import setup_logging
 from portao.runtime import (
-    GATEWAY_LISTEN,
+    cannot_listen,
     make_broker,
     raise_open_file_limit,
+    reachable_host,
     serve_gateway,
 )
 from portao.session.auth import TokenVerifier
@@ -241,8 +242,7 @@ class Supervisor:
         try:
             await server.start()
         except OSError as exc:
-            raise ConfigError(f"admin: cannot listen on {self.settings.admin}: {exc.strerror}") \
-                from None
+            raise ConfigError(f"admin: {cannot_listen(self.settings.admin, exc)}") from None
         return server
 
     def describe(self) -> list[dict[str, Any]]:
@@ -272,7 +272,7 @@ class Supervisor:
 
     async def _fetch(self, http: aiohttp.ClientSession, child: _Child, path: str) -> str | None:
         assert self.settings.admin_address is not None
-        host = _reachable(self.settings.admin_address[0])
+        host = reachable_host(self.settings.admin_address[0])
         url = f"http://{f'[{host}]' if ':' in host else host}:{child.admin_port}{path}"
         try:
             async with http.get(url) as response:
@@ -357,11 +357,6 @@ def _child_main(settings: Settings, index: int, link: Connection) -> None:
     except PortaoError as exc:
         log.error("gateway process %d failed: %s", index, exc)
         sys.exit(1)
-
-
-def _reachable(host: str) -> str:
-    """Where to reach a listener bound to `host` from this machine."""
-    return {"0.0.0.0": "127.0.0.1", "::": "::1", "": "127.0.0.1"}.get(host, host)
 
 
 async def _readable(fd: int) -> None:

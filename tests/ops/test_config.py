@@ -11,7 +11,14 @@ from pathlib import Path
 import pytest
 
 from portao.cli import settings_reference
-from portao.config import Settings, load_settings
+from portao.config import (
+    COMMAND_SETTINGS,
+    Settings,
+    describe_os_error,
+    for_command,
+    load_settings,
+    mask_url,
+)
 from portao.errors import ConfigError
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -74,6 +81,13 @@ def test_rules_across_settings_see_the_merged_values(
         ({"PORTAO_JWT_SECRET": SECRET}, "", {"jwt_secret_file": __file__},
          "jwt_secret and jwt_secret_file: set one, not both"),
         ({}, "prefix = [1\n", {}, "config file"),
+        ({}, "prefix = 'top'\n[portao]\nrate_burst = 1\n", {},
+         "settings both in [portao] and at the top level (prefix)"),
+        ({"PORTAO_JWT_SECRET": "short"}, "", {},
+         "jwt_secret (from environment PORTAO_JWT_SECRET): the HS256 secret must be at least "
+         "32 bytes"),
+        ({}, "", {"broker": "redis://:pw@[::1/0"}, "broker (from flag --broker): malformed URL"),
+        ({}, "", {"state": "redis://:pw@h:port/0"}, "state (from flag --state): malformed URL"),
     ],
 )  # fmt: skip
 def test_bad_values_name_the_setting_and_where_it_came_from(
@@ -98,6 +112,42 @@ def test_secret_from_a_file(tmp_path: Path) -> None:
     settings = load_settings(jwt_secret_file=secret_file)
     assert settings.jwt_key() == SECRET
     assert SECRET not in repr(settings)
+    secret_file.write_text("s" * 31 + "\n")
+    with pytest.raises(ConfigError, match=r"the secret in .* must be at least 32 bytes"):
+        load_settings(jwt_secret_file=secret_file)
+
+
+@pytest.mark.parametrize(
+    ("url", "masked"),
+    [
+        ("amqp://app:pw@rabbit:5672/v", "amqp://app:**********@rabbit:5672/v"),
+        ("redis://:pw@[::1/0", "redis://:**********@[::1/0"),  # urlsplit refuses it
+        ("amqp://app:p/w#x@rabbit/", "amqp://app:**********@rabbit/"),  # unquoted / and #
+        ("redis://cache:6379/0", "redis://cache:6379/0"),
+        ("redis://user@cache/0", "redis://user@cache/0"),
+    ],
+)
+def test_mask_url(url: str, masked: str) -> None:
+    assert mask_url(url) == masked
+
+
+def test_for_command_fills_only_what_is_unset() -> None:
+    unset = Settings()
+    assert for_command(unset, "run").listen == ["tcp://127.0.0.1:7878", "ws://127.0.0.1:7879"]
+    assert for_command(unset, "gateway").admin_address is None
+    given = Settings(listen=["tcp://127.0.0.1:1"], admin="127.0.0.1:2")
+    assert for_command(given, "gateway") == given
+    assert set().union(*COMMAND_SETTINGS.values()) <= set(Settings.model_fields)
+
+
+def test_describe_os_error() -> None:
+    assert describe_os_error(ConnectionRefusedError(111, "Connect call failed")) == (
+        "connection refused"
+    )
+    assert describe_os_error(OSError(-2, "Name or service not known")) == (
+        "name or service not known"
+    )
+    assert describe_os_error(TimeoutError()) == "timed out"
 
 
 def test_repr_and_public_dict_hide_secrets_and_url_passwords(tmp_path: Path) -> None:

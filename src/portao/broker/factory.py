@@ -5,7 +5,7 @@ from __future__ import annotations
 from urllib.parse import urlsplit
 
 from portao.broker.base import Broker, StateStore
-from portao.config import Settings
+from portao.config import Settings, mask_url
 from portao.errors import ConfigError
 
 
@@ -24,7 +24,7 @@ def create_broker(url: str, settings: Settings) -> Broker:
         from portao.broker.amqp import AmqpBroker
 
         return AmqpBroker(url, settings)
-    raise ConfigError(f"broker: unsupported URL scheme {scheme!r} in {url!r}")
+    raise ConfigError(f"broker: unsupported URL scheme {scheme!r} in {mask_url(url)!r}")
 
 
 def create_state(url: str, settings: Settings, broker: Broker | None = None) -> StateStore:
@@ -36,4 +36,6 @@ def create_state(url: str, settings: Settings, broker: Broker | None = None) -> 
         from portao.broker.redis import RedisBroker
 
         return RedisBroker(url, settings)
-    raise ConfigError(f"state: unsupported URL scheme {scheme!r} in {url!r} (want redis://)")
+    raise ConfigError(
+        f"state: unsupported URL scheme {scheme!r} in {mask_url(url)!r} (want redis://)"
+    )

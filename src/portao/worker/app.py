@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import importlib
 import inspect
+import os
+import sys
 from collections.abc import Awaitable, Callable, Mapping
 from types import MappingProxyType
 from typing import TYPE_CHECKING, Any, TypeVar
@@ -62,11 +64,19 @@ class App:
 
 
 def load_app(path: str) -> App:
-    """Import `module:attr` (attr defaults to `app`) and return the App it names."""
+    """Import `module:attr` (attr defaults to `app`) and return the App it names.
+
+    The current directory goes on `sys.path` first when it is not there (as uvicorn
+    and celery do): the installed `portao` script does not put it there, and
+    `portao run mymodule:app` beside mymodule.py must find it.
+    """
     module_name, _, attr = path.partition(":")
     attr = attr or "app"
     if not module_name:
         raise ConfigError(f"app {path!r}: expected 'module:attr', e.g. 'portao.demo:app'")
+    cwd = os.getcwd()
+    if cwd not in (os.path.abspath(entry) for entry in sys.path):
+        sys.path.insert(0, cwd)
     try:
         module = importlib.import_module(module_name)
     except ModuleNotFoundError as exc:
