@@ -214,6 +214,30 @@ async def test_publishes_of_one_turn_are_one_script_call_that_keeps_their_order(
     assert [d.envelope for d in got][1:] == envelopes[:5]
 
 
+async def test_an_ack_inside_a_long_range_of_held_entries_finds_them_all(
+    shared_raw: Redis, open_broker: OpenBroker, make_settings: Callable[..., Settings]
+) -> None:
+    """The ack script asks for the held entries of a batch's id range at once, cut
+    short past a limit; an entry beyond the cut is still found (and acked once)."""
+    settings = make_settings(max_queue_length=10_000)
+    keys = Keys(settings.prefix)
+    broker = open_broker(SHARED_URL, settings)
+    await broker.connect()
+    await broker.register_routes(["wide"])
+    await asyncio.gather(*(broker.publish(make_envelope("wide")) for _ in range(300)))
+    held = await fetch_n(broker, "w1", ["wide"], 300)
+    assert len(held) == 300
+
+    # Two entries 300 apart: XPENDING over their range stops after 2 * 2 + 100 entries.
+    await broker.ack("w1", [held[0], held[-1], held[-1]])
+
+    assert await shared_raw.get(keys.backlog("wide")) == b"298"
+    pending = await shared_raw.xpending(keys.queue("wide"), "workers")
+    assert pending["pending"] == 298
+    await broker.ack("w1", held[1:-1])
+    assert await shared_raw.get(keys.backlog("wide")) == b"0"
+
+
 # -- trimming -------------------------------------------------------------------------
 
 

@@ -220,19 +220,62 @@ return out
 )
 
 #: KEYS queue, backlog per route; ARGV group, consumer, then (route index, id,
-#: deliveries) per delivery. Acks only what the consumer still holds; returns the count.
+#: deliveries) per delivery. Acks only what the consumer still holds (same delivery
+#: count); returns the count. Per route, one XPENDING over the batch's id range
+#: tells what is held (an entry it missed, if it was cut short, is asked for alone),
+#: one XACK acks it and one DECRBY lowers the backlog by what XACK counted.
 ACK = Script(
     "ack",
     _HELD
     + """
-local total = 0
+local group, consumer = ARGV[1], ARGV[2]
+local function split(id)
+  local cut = string.find(id, '-', 1, true)
+  return tonumber(string.sub(id, 1, cut - 1)), tonumber(string.sub(id, cut + 1))
+end
+local function less(a, b)
+  local am, as = split(a)
+  local bm, bs = split(b)
+  return am < bm or (am == bm and as < bs)
+end
+local batches, order = {}, {}
 for pos = 3, #ARGV, 3 do
-  local i = tonumber(ARGV[pos])
-  local queue, id = KEYS[2 * i - 1], ARGV[pos + 1]
-  if held(queue, ARGV[1], ARGV[2], id, tonumber(ARGV[pos + 2])) then
-    redis.call('XACK', queue, ARGV[1], id)
-    redis.call('DECRBY', KEYS[2 * i], 1)
-    total = total + 1
+  local i, id = tonumber(ARGV[pos]), ARGV[pos + 1]
+  local b = batches[i]
+  if b == nil then
+    b = {ids = {}, want = {}, lo = id, hi = id}
+    batches[i] = b
+    order[#order + 1] = i
+  end
+  b.ids[#b.ids + 1] = id
+  b.want[id] = tonumber(ARGV[pos + 2])
+  if less(id, b.lo) then b.lo = id end
+  if less(b.hi, id) then b.hi = id end
+end
+local total = 0
+for _, i in ipairs(order) do
+  local b, queue = batches[i], KEYS[2 * i - 1]
+  local limit = 2 * #b.ids + 100
+  local pending = redis.pcall('XPENDING', queue, group, b.lo, b.hi, limit, consumer)
+  if not pending.err then
+    local found = {}
+    for _, entry in ipairs(pending) do found[entry[1]] = entry[4] end
+    local acks = {}
+    for _, id in ipairs(b.ids) do
+      local deliveries = found[id]
+      if deliveries == nil and #pending == limit then
+        if held(queue, group, consumer, id, b.want[id]) then deliveries = b.want[id] end
+      end
+      if deliveries == b.want[id] then acks[#acks + 1] = id end
+    end
+    local acked = 0
+    for from = 1, #acks, 1000 do
+      local chunk = {}
+      for k = from, math.min(from + 999, #acks) do chunk[#chunk + 1] = acks[k] end
+      acked = acked + redis.call('XACK', queue, group, unpack(chunk))
+    end
+    if acked > 0 then redis.call('DECRBY', KEYS[2 * i], acked) end
+    total = total + acked
   end
 end
 return total
