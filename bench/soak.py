@@ -31,7 +31,7 @@ from pathlib import Path
 from typing import Any
 
 import uvloop
-from tests.broker.test_redis import RedisServer
+from tests.broker.backend_redis import RedisServer
 from tests.chaos import cluster as faults
 from tests.chaos.cluster import FAST, IN_HAND, Cluster, Proc
 from tests.chaos.fleet import Fleet, Ledger, Tally, judge, read_records, run_for, served

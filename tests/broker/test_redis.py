@@ -11,9 +11,6 @@ import asyncio
 import inspect
 import logging
 import os
-import signal
-import socket
-import subprocess
 import sys
 import time
 from collections.abc import AsyncIterator, Callable, Iterator
@@ -28,14 +25,11 @@ from portao.broker.redis_keys import Keys
 from portao.config import Settings
 from portao.envelope import Push, Reply, new_gateway_id
 from portao.errors import BrokerUnavailable, QueueFull, UnknownRoute
-from tests.broker.backend_redis import SHARED_URL, delete_prefix
+from tests.broker.backend_redis import SHARED_URL, TIMEOUT_S, RedisServer, delete_prefix
 from tests.broker.conftest import fetch_n, make_envelope, read_n
 from tests.conftest import require_service
 
 pytestmark = pytest.mark.redis
-
-#: Command timeout of the brokers in these tests (URL `socket_timeout`).
-TIMEOUT_S = 0.5
 
 
 async def until(condition: Callable[[], object], within_s: float = 10.0) -> None:
@@ -50,60 +44,6 @@ async def until(condition: Callable[[], object], within_s: float = 10.0) -> None
         if time.monotonic() > deadline:
             raise AssertionError(f"condition not met within {within_s} s")
         await asyncio.sleep(0.02)
-
-
-class RedisServer:
-    """A redis-server of this test's own, on a spare port, with AOF always."""
-
-    def __init__(self, directory: Path) -> None:
-        self.directory = directory
-        with socket.socket() as probe:
-            probe.bind(("127.0.0.1", 0))
-            self.port = probe.getsockname()[1]
-        self.process: subprocess.Popen[bytes] | None = None
-
-    @property
-    def url(self) -> str:
-        return f"redis://127.0.0.1:{self.port}/0?socket_timeout={TIMEOUT_S}"
-
-    def start(self) -> None:
-        self.process = subprocess.Popen(
-            ["redis-server", "--port", str(self.port), "--bind", "127.0.0.1", "--save", "",
-             "--appendonly", "yes", "--appendfsync", "always", "--dir", str(self.directory),
-             "--logfile", str(self.directory / "redis.log")],
-        )  # fmt: skip
-        deadline = time.monotonic() + 10.0
-        while not self._answers():
-            assert self.process.poll() is None, "redis-server exited"
-            assert time.monotonic() < deadline, "redis-server did not start"
-            time.sleep(0.02)
-
-    def _answers(self) -> bool:
-        try:
-            with socket.create_connection(("127.0.0.1", self.port), timeout=0.5) as conn:
-                conn.sendall(b"PING\r\n")
-                return conn.recv(64).startswith(b"+PONG")
-        except OSError:
-            return False
-
-    def stop(self) -> None:
-        """SIGTERM: a clean shutdown, the AOF flushed."""
-        assert self.process is not None
-        self.process.terminate()
-        self.process.wait(timeout=10)
-
-    def freeze(self) -> None:
-        assert self.process is not None
-        self.process.send_signal(signal.SIGSTOP)
-
-    def thaw(self) -> None:
-        assert self.process is not None
-        self.process.send_signal(signal.SIGCONT)
-
-    def kill(self) -> None:
-        if self.process is not None and self.process.poll() is None:
-            self.process.kill()
-            self.process.wait(timeout=10)
 
 
 @pytest.fixture

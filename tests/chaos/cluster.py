@@ -26,8 +26,7 @@ from redis.asyncio import Redis
 from portao.broker.amqp_topology import Topology
 from portao.config import Settings
 from tests.apps.chaos import RECORD_URL_ENV
-from tests.broker.backend_redis import SHARED_URL
-from tests.broker.test_redis import RedisServer
+from tests.broker.backend_redis import SHARED_URL, RedisServer
 from tests.chaos.fleet import Fleet, Tally, judge, read_records, report, settle
 from tests.ops.admin import Scrape, scrape
 from tests.procs import Procs, free_port

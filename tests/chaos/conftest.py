@@ -11,8 +11,7 @@ from typing import Any
 import pytest
 
 from tests.broker.backend_amqp import amqp_url, fresh_vhost
-from tests.broker.backend_redis import SHARED_URL, delete_prefix
-from tests.broker.test_redis import RedisServer
+from tests.broker.backend_redis import SHARED_URL, RedisServer, delete_prefix
 from tests.chaos.cluster import FAST, Cluster
 from tests.chaos.fleet import REPORT, table
 from tests.conftest import REDIS_HOST, REDIS_PORT, require_service

@@ -13,7 +13,7 @@ from typing import Any
 
 import pytest
 
-from tests.broker.test_redis import RedisServer
+from tests.broker.backend_redis import RedisServer
 from tests.chaos.cluster import (
     IN_HAND,
     Cluster,

@@ -12,7 +12,7 @@ from portao.config import Settings
 from portao.gateway.server import Gateway
 from portao.runtime import start_admin
 from portao.session.auth import TokenVerifier
-from tests.broker.test_redis import RedisServer
+from tests.broker.backend_redis import RedisServer
 from tests.ops.admin import scrape, status_is, until
 
 pytestmark = pytest.mark.redis
