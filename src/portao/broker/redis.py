@@ -239,7 +239,7 @@ class RedisBroker:
     async def fetch(
         self, consumer: str, routes: Sequence[str], max_count: int, timeout_s: float
     ) -> list[Delivery]:
-        """Reclaim expired claims and read new entries; block up to `timeout_s`."""
+        """Reclaim expired claims (when due) and read new entries; block up to `timeout_s`."""
         self._link.check_ready()
         await self._check_routes(routes)
         loop = asyncio.get_running_loop()
@@ -252,10 +252,14 @@ class RedisBroker:
         routes = [*routes[start:], *routes[:start]]
         while True:
             await self._link.wait_ready(deadline)
-            taken = await self._sweep(consumer, routes, max_count, deadline)
             remaining = deadline - loop.time()
-            if taken or remaining <= 0:
-                return taken
+            # A blocking read returns at once what is there: the script (one more
+            # round trip) is for reclaiming, when due, and for not waiting at all.
+            if loop.time() >= self._next_reclaim or remaining <= 0:
+                taken = await self._sweep(consumer, routes, max_count, deadline)
+                remaining = deadline - loop.time()
+                if taken or remaining <= 0:
+                    return taken
             taken = await self._block(
                 consumer, routes, max_count, min(remaining, self._reclaim_every_s), deadline
             )
