@@ -1,4 +1,4 @@
-"""Acting as a gateway by hand against a real MemoryBroker: publish, read the inbox."""
+"""Acting as a gateway by hand against a real broker: publish, read the inbox."""
 
 from __future__ import annotations
 
@@ -10,6 +10,7 @@ from typing import Any
 
 import msgspec
 
+from portao.broker.base import Broker
 from portao.broker.memory import MemoryBroker
 from portao.config import Settings
 from portao.envelope import Envelope, InboxMessage, Kind, new_gateway_id, new_message_id
@@ -34,7 +35,7 @@ class FakeClock:
 class HandGateway:
     """The gateway's side of the broker, driven by a test."""
 
-    def __init__(self, broker: MemoryBroker) -> None:
+    def __init__(self, broker: Broker) -> None:
         self.broker = broker
         self.id = new_gateway_id()
 

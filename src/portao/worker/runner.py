@@ -4,8 +4,10 @@
 ack flusher and a handler watchdog. Messages are acknowledged only after their
 handler finished and the reply was written (at-least-once); a failing handler is
 retried here with doubling delays while its claim is kept alive, then
-dead-lettered; a claim this worker lost (it was frozen past the visibility
-timeout) drops the result, since another worker now owns the message.
+dead-lettered; a claim this worker lost drops the result, since another worker
+may own the message now. A claim counts as lost when the broker says so, and
+also, without asking, once it was not extended for a visibility timeout: a worker
+frozen (SIGSTOP) past its claim finds out before it publishes anything.
 
 A handler over `handler_timeout_s` is cancelled by the watchdog, which looks at
 every running handler a few times per timeout (`WATCHDOG_TICKS`, at least every
@@ -63,13 +65,16 @@ class WorkerStats:
 
 @dataclass(eq=False, slots=True)
 class _Job:
-    """One message in hand; `lost` once the broker says another consumer owns it.
+    """One message in hand; `lost` once its claim is gone (see `Worker._lost`).
 
-    `due` is the loop time its running handler must finish by (inf between
-    attempts); `timed_out` is set when the watchdog cancelled it for being late.
+    `claimed` is the loop time the claim was taken or last extended (taken before
+    asking the broker, so never later than the broker's own). `due` is the loop
+    time its running handler must finish by (inf between attempts); `timed_out`
+    is set when the watchdog cancelled it for being late.
     """
 
     delivery: Delivery
+    claimed: float
     lost: bool = False
     due: float = math.inf
     timed_out: bool = False
@@ -182,12 +187,14 @@ class Worker:
                 await self._sleep_unless_stopping(BROKER_RETRY_S)
 
     async def _fetch_loop(self, tg: asyncio.TaskGroup, burst: bool) -> None:
+        loop = asyncio.get_running_loop()
         while not self.stopping:
             self._wakeup.clear()
             free = self.settings.worker_concurrency - len(self._jobs)
             if free <= 0:
                 await self._wakeup.wait()
                 continue
+            asked = loop.time()
             try:
                 deliveries = await self.broker.fetch(
                     self.consumer_id, self._routes, free, self._fetch_timeout_s
@@ -197,7 +204,7 @@ class Worker:
                 await self._sleep_unless_stopping(BROKER_RETRY_S)
                 continue
             for delivery in deliveries:
-                job = _Job(delivery)
+                job = _Job(delivery, asked)
                 self._jobs[job] = tg.create_task(self._handle(job))
             if burst and not deliveries and not self._jobs:
                 return
@@ -217,11 +224,13 @@ class Worker:
 
     async def _extend_loop(self) -> None:
         """Keep claims on messages in hand alive, in one batched call per period."""
+        loop = asyncio.get_running_loop()
         while True:
             await asyncio.sleep(self.settings.visibility_timeout_s / 3)
             jobs = [job for job in self._jobs if not job.lost]
             if not jobs:
                 continue
+            asked = loop.time()
             try:
                 lost = await self.broker.extend(self.consumer_id, [j.delivery for j in jobs])
             except BrokerError as exc:
@@ -231,6 +240,8 @@ class Worker:
                 if job.delivery in lost:
                     job.lost = True
                     log.warning("lost the claim on message %s", job.delivery.envelope.id)
+                else:
+                    job.claimed = asked
 
     async def _watchdog_loop(self) -> None:
         """Cancel the handlers that are past their time (see the module docstring)."""
@@ -299,8 +310,7 @@ class Worker:
             return
         attempt = delivery.deliveries
         while True:
-            if job.lost:
-                self.stats.lost_claims += 1
+            if self._lost(job):
                 return
             try:
                 reply = await self._attempt(job, attempt)
@@ -325,8 +335,7 @@ class Worker:
             self.stats.retries += 1
             await asyncio.sleep(self.settings.retry_delay_s * 2 ** (attempt - delivery.deliveries))
             attempt += 1
-        if job.lost:
-            self.stats.lost_claims += 1
+        if self._lost(job):
             return
         if reply is not None:
             if _is_expired(env):
@@ -364,8 +373,7 @@ class Worker:
 
     async def _give_up(self, job: _Job, attempts: int, error: str) -> None:
         """Answer a call with `handler_error`, then dead-letter the message."""
-        if job.lost:
-            self.stats.lost_claims += 1
+        if self._lost(job):
             return
         env = job.delivery.envelope
         log.error(
@@ -382,6 +390,23 @@ class Worker:
             )
         await self.broker.dead_letter(self.consumer_id, job.delivery, error[:MAX_ERROR_CHARS])
         self.stats.dead_lettered += 1
+
+    def _lost(self, job: _Job) -> bool:
+        """Whether the claim is gone, so nothing may be published or acked: the
+        broker said so, or it was not extended for a visibility timeout (the
+        broker may have handed the message to another worker). Counted and logged."""
+        age = asyncio.get_running_loop().time() - job.claimed
+        if not job.lost and age < self.settings.visibility_timeout_s:
+            return False
+        job.lost = True
+        self.stats.lost_claims += 1
+        log.info(
+            "dropping the result of message %s for route %s: claim lost (last extended %.1f s ago)",
+            job.delivery.envelope.id,
+            job.delivery.envelope.route,
+            age,
+        )
+        return True
 
     def _ack(self, delivery: Delivery) -> None:
         self._acks.append(delivery)
