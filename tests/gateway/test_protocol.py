@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import socket
 import struct
 import time
 from typing import Any
@@ -386,6 +387,10 @@ async def test_closed_connection_leaves_nothing(stack_factory: StackFactory) -> 
     await c.send({"op": "call", "id": 3, "route": "wait", "data": None})
     await eventually(lambda: len(stack.gateway.pending) == 1)
     assert [m.user for m in await stack.broker.room_members("lobby")] == ["alice"]
+    # A reset, not a FIN: a FIN may be a half-close, whose calls are still answered
+    # (test_half_close.py).
+    sock = c.writer.get_extra_info("socket")
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
     await c.aclose()
     await eventually(lambda: not stack.gateway.conns)
     assert len(stack.gateway.pending) == 0

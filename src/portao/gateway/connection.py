@@ -66,6 +66,7 @@ class ClientConnection(asyncio.Protocol):
         "_ws",
         "conn_id",
         "in_flight",
+        "read_eof",
         "session",
     )
 
@@ -82,7 +83,8 @@ class ClientConnection(asyncio.Protocol):
         self._timer: asyncio.TimerHandle | None = None
         self._timer_at = 0.0
         self.conn_id = 0
-        self.in_flight = 0  # publishes awaiting the broker (sends with an id, calls)
+        self.in_flight = 0  # requests awaiting the broker (publishes, auth binding, sub/unsub)
+        self.read_eof = False  # the client shut its write side: answer, then close
         self.session: Session | None = None
 
     # -- asyncio.Protocol ---------------------------------------------------------
@@ -133,10 +135,19 @@ class ClientConnection(asyncio.Protocol):
             self.close()  # the client's close frame, echoed: closing handshake done
 
     def eof_received(self) -> bool:
-        if self._ws is not None:
-            self._ws.receive_data(b"")
-        self.close()
-        return False
+        ws = self._ws
+        transport = self._transport
+        if ws is not None or transport is None or transport.get_extra_info("ssl_object"):
+            # WebSocket: EOF ends the session (RFC 6455); TLS transports cannot half-close.
+            if ws is not None:
+                ws.receive_data(b"")
+            self.close()
+            return False
+        # Half-close (`nc -q1`, shutdown(SHUT_WR)): nothing more will come, but what is
+        # in flight is still answered (reply, or error at its deadline), then we close.
+        self.read_eof = True
+        self._gateway.close_if_answered(self)
+        return True
 
     def connection_lost(self, exc: Exception | None) -> None:
         self._closing = True

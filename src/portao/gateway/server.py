@@ -186,7 +186,7 @@ class Gateway:
         retry_after_ms = int(1000 + random.random() * 2000)
         for conn in list(self.conns.values()):
             conn.start_draining(retry_after_ms)
-            self._close_if_drained(conn)
+            self.close_if_answered(conn)
         await self._wait_until(
             lambda: not self.pending and not self._publishing(), self.settings.drain_timeout_s
         )
@@ -235,9 +235,11 @@ class Gateway:
     def _publishing(self) -> bool:
         return any(c.in_flight for c in self.conns.values())
 
-    def _close_if_drained(self, conn: ClientConnection) -> None:
+    def close_if_answered(self, conn: ClientConnection) -> None:
+        """Close a connection that is draining, or half-closed by its client, once
+        nothing it asked for is still awaiting an answer."""
         if (
-            self._draining
+            (self._draining or conn.read_eof)
             and conn.in_flight == 0
             and self.pending.count(conn.conn_id) == 0
         ):
@@ -332,7 +334,7 @@ class Gateway:
                 wire.encode_error(error.code, _broker_message(error), action.client_id)
             )
         finally:
-            self._close_if_drained(conn)
+            self.close_if_answered(conn)
 
     def authenticated(self, conn: ClientConnection, action: Authenticated) -> None:
         self.stats.count_in("auth")
@@ -342,7 +344,7 @@ class Gateway:
         if user in self._bound_users:
             conn.send_payload(wire.encode_ok(user, action.client_id))
             return
-        self._spawn(self._bind_user_then_ok(conn, user, action))
+        self._answer_later(conn, self._bind_user_then_ok(conn, user, action))
 
     async def _bind_user_then_ok(
         self, conn: ClientConnection, user: str, action: Authenticated
@@ -356,7 +358,7 @@ class Gateway:
 
     def join_room(self, conn: ClientConnection, action: JoinRoom) -> None:
         self.stats.count_in("sub")
-        self._spawn(self._join_room(conn, action))
+        self._answer_later(conn, self._join_room(conn, action))
 
     async def _join_room(self, conn: ClientConnection, action: JoinRoom) -> None:
         session = conn.session
@@ -377,7 +379,7 @@ class Gateway:
 
     def leave_room(self, conn: ClientConnection, action: LeaveRoom) -> None:
         self.stats.count_in("unsub")
-        self._spawn(self._leave_room(conn, action))
+        self._answer_later(conn, self._leave_room(conn, action))
 
     async def _leave_room(self, conn: ClientConnection, action: LeaveRoom) -> None:
         session = conn.session
@@ -550,7 +552,7 @@ class Gateway:
         queued = self._queued
         for conn in queued:
             conn.flush_queued()
-            self._close_if_drained(conn)
+            self.close_if_answered(conn)
         queued.clear()
 
     # -- timers ---------------------------------------------------------------------
@@ -581,6 +583,20 @@ class Gateway:
                 await self.state.heartbeat(self.id)
         except BrokerError as exc:
             log.warning("heartbeat failed: %s", exc)
+
+    def _answer_later(self, conn: ClientConnection, work: Coroutine[Any, Any, None]) -> None:
+        """Run `work`, which answers a request of `conn`: counted in flight until done,
+        so a drain or a half-close waits for its answer."""
+        conn.in_flight += 1
+        task = asyncio.create_task(work)
+        self._tasks.add(task)
+        task.add_done_callback(partial(self._answered, conn))
+
+    def _answered(self, conn: ClientConnection, task: Future[None]) -> None:
+        self._tasks.discard(task)
+        conn.in_flight -= 1
+        self._changed.set()
+        self.close_if_answered(conn)
 
     def _spawn(self, work: Coroutine[Any, Any, None]) -> None:
         task = asyncio.create_task(work)
