@@ -344,6 +344,24 @@ async def test_lost_claim_drops_the_result(make_settings: MakeSettings) -> None:
             await broker.ack("b", [taken])
 
 
+async def test_message_after_a_long_idle_fetch_is_not_taken_for_lost(
+    make_settings: MakeSettings,
+) -> None:
+    """A claim counts from when its fetch was asked for: an idle fetch must not
+    outlast the visibility timeout, or what it brings would look lapsed."""
+    settings = make_settings(visibility_timeout_s=0.4)
+    async with memory_broker(settings) as broker:
+        await broker.register_routes(["echo"])
+        worker = Worker(echo_app(), broker, broker, settings, fetch_timeout_s=30)
+        gw = HandGateway(broker)
+        await gw.open()
+        async with running(worker):
+            await asyncio.sleep(0.6)  # idle, past one visibility timeout
+            env = await gw.publish("echo", "fresh")
+            assert await gw.read(1) == [Reply(ref=env.id, conn=1, data=b'"fresh"')]
+        assert worker.stats.lost_claims == 0
+
+
 async def test_stop_waits_for_the_handler_in_flight(make_settings: MakeSettings) -> None:
     started = asyncio.Event()
     release = asyncio.Event()

@@ -84,7 +84,9 @@ class Worker:
     """Runs an app's handlers on messages from a broker; one `run` per Worker.
 
     `fetch_timeout_s` bounds one broker fetch: how soon a stop request is noticed
-    while idle, and how long burst mode waits for more work.
+    while idle, and how long burst mode waits for more work. It is cut to a
+    quarter of the visibility timeout: a claim counts from when its fetch was
+    asked for (see `_Job`), so a long wait must not eat into it.
     """
 
     def __init__(
@@ -105,7 +107,7 @@ class Worker:
             f"{app.name}-{socket.gethostname()}-{os.getpid()}-{os.urandom(3).hex()}"
         )
         self.stats = WorkerStats()
-        self._fetch_timeout_s = fetch_timeout_s
+        self._fetch_timeout_s = min(fetch_timeout_s, settings.visibility_timeout_s / 4)
         self._routes = sorted(app.routes)
         self._jobs: dict[_Job, asyncio.Task[None]] = {}
         self._acks: list[Delivery] = []
