@@ -533,6 +533,39 @@ async def test_worker_rides_out_a_broker_outage(make_settings: MakeSettings) -> 
     assert worker.stats.handled == 2
 
 
+async def test_broker_failing_under_the_handler_spends_no_attempt(
+    make_settings: MakeSettings,
+) -> None:
+    """`ctx.once` during an outage raises BrokerUnavailable: not the handler's fault,
+    so no retry here and no attempt counted; the message is released and comes back."""
+    runs: list[int] = []
+    went_down = asyncio.Event()
+    app = App()
+
+    @app.route("guarded")
+    async def guarded(ctx: Context, data: Any) -> Any:
+        runs.append(ctx.attempt)
+        if len(runs) == 1:
+            await broker.aclose()  # the link drops under the handler
+            went_down.set()
+        return await ctx.once("effect")
+
+    clock = FakeClock()
+    async with setup(make_settings, app, clock, max_attempts=2) as (broker, gw, worker):
+        env = await gw.publish("guarded")
+        async with running(worker):
+            await asyncio.wait_for(went_down.wait(), 3)
+            await broker.connect()
+            await asyncio.sleep(0.3)  # a retry here would come after retry_delay_s = 0.05 s
+            assert runs == [1]
+            assert (worker.stats.failed_attempts, worker.stats.retries) == (0, 0)
+            clock.advance(10)  # released: the message comes back once its claim lapses
+            assert await gw.read(1) == [Reply(ref=env.id, conn=1, data=b"true")]
+        assert runs == [1, 2]
+        assert await broker.dead_letters("guarded") == []
+        await assert_settled(broker, clock, "guarded")
+
+
 class FlakyAck:
     """The real broker, except that the first `ack` fails as if the link dropped."""
 
