@@ -67,7 +67,7 @@ def main() -> None:
     (t0, first), (t1, last) = window[0], window[-1]
     cores = {name: (last[name] - first[name]) / (t1 - t0) for name in first}
     rate = result["per_s"]
-    latency = result["latency_ms"]
+    latency = {k: v or 0.0 for k, v in result["latency_ms"].items()}  # None: no call done
     print(
         f"calls/s {rate:,.0f}  p50 {latency['p50']:.2f} ms  p99 {latency['p99']:.2f} ms"
         f"  | cores: "
