@@ -47,6 +47,8 @@ log = logging.getLogger("portao.gateway")
 DEADLINE_TICK_S = 0.05
 INBOX_BATCH = 1000
 INBOX_WAIT_S = 1.0
+#: A failure that repeats is logged at most once per cause this often, with a count.
+REPEAT_LOG_INTERVAL_S = 5.0
 
 
 @dataclass(slots=True)
@@ -94,6 +96,38 @@ class GatewayStats:
         self.errors[code] = self.errors.get(code, 0) + 1
 
 
+class RepeatLog:
+    """Warnings for failures that come in bursts: the first of a cause is logged at
+    once, later ones are counted and logged as one line per `REPEAT_LOG_INTERVAL_S`
+    with their count and the last reason (never a message body)."""
+
+    def __init__(self, what: str) -> None:
+        self._what = what
+        self._counts: dict[str, int] = {}  # cause -> failures not logged yet
+        self._quiet_until: dict[str, float] = {}  # cause -> monotonic end of its quiet time
+        self._reasons: dict[str, str] = {}  # cause -> the last failure's reason
+
+    def failed(self, cause: str, reason: str) -> None:
+        self._counts[cause] = self._counts.get(cause, 0) + 1
+        self._reasons[cause] = reason
+        now = time.monotonic()
+        until = self._quiet_until.get(cause)
+        if until is None or now >= until:
+            self._report(cause)
+        elif self._counts[cause] == 1:  # the first failure of this quiet time
+            asyncio.get_running_loop().call_later(until - now, self._report, cause)
+
+    def _report(self, cause: str) -> None:
+        count = self._counts.pop(cause, 0)
+        if not count:
+            return
+        self._quiet_until[cause] = time.monotonic() + REPEAT_LOG_INTERVAL_S
+        log.warning(
+            "%s failed (%s) %d time%s since the last report; last: %s",
+            self._what, cause, count, "" if count == 1 else "s", self._reasons.pop(cause),
+        )
+
+
 class Gateway:
     """Holds client connections and forwards their requests to the broker."""
 
@@ -122,6 +156,7 @@ class Gateway:
         self.max_connections = settings.effective_max_connections
         self.pending = PendingCalls()
         self.stats = GatewayStats()
+        self._publish_failures = RepeatLog("publish")
         self.conns: dict[int, ClientConnection] = {}
         self._queued: list[ClientConnection] = []  # connections holding queued messages
         self.users: dict[str, set[int]] = {}
@@ -326,6 +361,7 @@ class Gateway:
                 raise error
             self.stats.publish_failures += 1
             self.stats.count_error(error.code.value)
+            self._publish_failures.failed(error.code.value, str(error))
             # A call already answered `timeout` gets nothing more; anything else is
             # told the broker did not take it (never dropped silently).
             if envelope.kind == "call" and self.pending.pop(envelope.id, conn.conn_id) is None:
