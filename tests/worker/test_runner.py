@@ -125,6 +125,40 @@ async def test_dead_letter_and_handler_error_after_max_attempts(
     assert worker.stats.failed_attempts == 3
     assert env.id in caplog.text
     assert "4111" not in caplog.text
+    # One line per retry; the traceback once, with the dead letter.
+    logged = [(r.levelno, r.exc_info is not None) for r in caplog.records]
+    assert logged == [(logging.WARNING, False), (logging.WARNING, False), (logging.ERROR, True)]
+    assert "(attempt 1/3), retrying: RuntimeError: secret detail" in caplog.records[0].message
+
+
+async def test_undecodable_data_is_dead_lettered_at_once(
+    make_settings: MakeSettings, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Data the worker cannot decode (a number too big for a double) can never
+    succeed: no retries, straight to the dead letters, the caller gets handler_error."""
+    runs: list[Any] = []
+    app = App()
+
+    @app.route("sum")
+    async def add(ctx: Context, data: Any) -> Any:
+        runs.append(data)
+
+    clock = FakeClock()
+    async with setup(make_settings, app, clock, max_attempts=3) as (broker, gw, worker):
+        env = msgspec.structs.replace(gw.envelope("sum"), data=b'{"n": 1e400}')
+        await broker.publish(env)
+        with caplog.at_level(logging.WARNING, logger="portao.worker"):
+            await worker.run(burst=True)
+        expected = "data for route sum cannot be decoded: Number out of range - at `$[...]`"
+        assert await gw.read(1) == [
+            ErrorReply(ref=env.id, conn=1, code="handler_error", message=expected)
+        ]
+        [dead] = await broker.dead_letters("sum")
+        assert (dead.envelope.id, dead.error) == (env.id, expected)
+        await assert_settled(broker, clock, "sum")
+    assert runs == []
+    assert (worker.stats.dead_lettered, worker.stats.retries) == (1, 0)
+    assert [(r.levelno, r.exc_info) for r in caplog.records] == [(logging.ERROR, None)]
 
 
 async def test_handler_timeout_is_a_failure(make_settings: MakeSettings) -> None:

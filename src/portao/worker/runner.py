@@ -321,19 +321,25 @@ class Worker:
                 # The broker failed under the handler (ctx.once, a push…): not the
                 # handler's fault, so no attempt spent; the message is released.
                 raise
+            except _Undecodable as exc:
+                # No retry can decode it: dead-lettered at once.
+                await self._give_up(job, attempt, str(exc), answer=str(exc))
+                return
             except Exception as exc:
                 self.stats.failed_attempts += 1
+                if attempt >= max_attempts:
+                    await self._give_up(job, attempt, f"{type(exc).__name__}: {exc}", exc=exc)
+                    return
+                # One line per retry; the traceback comes once, with the dead letter.
                 log.warning(
-                    "handler for route %s failed on message %s (attempt %d/%d)",
+                    "handler for route %s failed on message %s (attempt %d/%d), retrying: %s: %s",
                     env.route,
                     env.id,
                     attempt,
                     max_attempts,
-                    exc_info=True,
+                    type(exc).__name__,
+                    exc,
                 )
-                if attempt >= max_attempts:
-                    await self._give_up(job, attempt, f"{type(exc).__name__}: {exc}")
-                    return
             self.stats.retries += 1
             await asyncio.sleep(self.settings.retry_delay_s * 2 ** (attempt - delivery.deliveries))
             attempt += 1
@@ -352,12 +358,16 @@ class Worker:
         """Run the handler once; the encoded reply for a call, None for a send."""
         env = job.delivery.envelope
         handler = self.app.routes[env.route]
+        try:
+            data = msgspec.json.decode(env.data)
+        except msgspec.DecodeError as exc:
+            raise _Undecodable(f"data for route {env.route} cannot be decoded: {exc}") from None
         ctx = Context(env, attempt, self.broker, self.state)
         limit = self.settings.handler_timeout_s
         started = time.monotonic()
         job.due = asyncio.get_running_loop().time() + limit
         try:
-            result = await handler(ctx, msgspec.json.decode(env.data))
+            result = await handler(ctx, data)
         except asyncio.CancelledError:
             if job.timed_out:
                 job.timed_out = False
@@ -373,17 +383,36 @@ class Worker:
             self.stats.handler_latency.observe(time.monotonic() - started)
         return encode_json(result) if env.kind == "call" else None
 
-    async def _give_up(self, job: _Job, attempts: int, error: str) -> None:
-        """Answer a call with `handler_error`, then dead-letter the message."""
+    async def _give_up(
+        self,
+        job: _Job,
+        attempts: int,
+        error: str,
+        *,
+        answer: str | None = None,
+        exc: BaseException | None = None,
+    ) -> None:
+        """Answer a call with `handler_error`, then dead-letter the message with `error`.
+
+        `answer` is the caller's message (default: the attempts failed); `exc`, the
+        last failure, is logged with its traceback.
+        """
         if self._lost(job):
             return
         env = job.delivery.envelope
         log.error(
-            "message %s for route %s dead-lettered after %d attempts", env.id, env.route, attempts
+            "message %s for route %s dead-lettered after attempt %d: %s",
+            env.id,
+            env.route,
+            attempts,
+            error,
+            exc_info=exc,
         )
         if env.kind == "call":
-            plural = "" if attempts == 1 else "s"
-            message = f"handler for route {env.route} failed after {attempts} attempt{plural}"
+            message = answer
+            if message is None:
+                plural = "" if attempts == 1 else "s"
+                message = f"handler for route {env.route} failed after {attempts} attempt{plural}"
             await self.broker.send_to_gateway(
                 env.gateway,
                 ErrorReply(
@@ -418,6 +447,10 @@ class Worker:
         with contextlib.suppress(TimeoutError):
             async with asyncio.timeout(delay_s):
                 await self._stop.wait()
+
+
+class _Undecodable(Exception):
+    """A message whose data the worker cannot decode: no retry can change that."""
 
 
 def _is_expired(env: Envelope) -> bool:
