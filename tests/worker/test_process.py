@@ -76,3 +76,6 @@ async def test_worker_frozen_past_its_claim_publishes_nothing(
             await broker.ack("thief", [taken])
             worker.send_signal(signal.SIGTERM)
             assert await wait_exit(worker, 10) == 0, procs.logs()
+            logs = procs.logs()
+            assert "INFO portao.worker: worker: app sleepy, routes nap, concurrency 100" in logs
+            assert "INFO portao.worker: worker: shutting down" in logs

@@ -30,6 +30,7 @@ import msgspec
 
 from portao.admin.histogram import LatencyHistogram
 from portao.broker.base import Broker, Delivery, StateStore
+from portao.client import Backoff
 from portao.config import Settings
 from portao.envelope import Envelope, ErrorReply, Reply
 from portao.errors import BrokerError, BrokerUnavailable, ConfigError, ErrorCode
@@ -41,8 +42,14 @@ log = logging.getLogger("portao.worker")
 
 #: Longest error text kept in the dead-letter queue.
 MAX_ERROR_CHARS = 1000
-#: Pause after a failed fetch or ack before trying the broker again.
-BROKER_RETRY_S = 0.5
+#: A broker call that failed is tried again after a jittered backoff from this ...
+BROKER_RETRY_MIN_S = 0.5
+#: ... up to this while registering at start (the broker may stay down for long) ...
+BROKER_START_RETRY_MAX_S = 10.0
+#: ... or this for fetches and acks, so a worker resumes soon after an outage.
+BROKER_RETRY_MAX_S = 2.0
+#: A broker call failing again and again is logged at most this often.
+BROKER_LOG_EVERY_S = 10.0
 #: The handler watchdog looks this many times per handler_timeout_s ...
 WATCHDOG_TICKS = 4
 #: ... and at least this often.
@@ -132,6 +139,8 @@ class Worker:
 
     def request_stop(self) -> None:
         """Ask `run` to drain and return; safe from a signal handler."""
+        if not self._stop.is_set():
+            log.info("worker: shutting down")
         self._stop.set()
         self._wakeup.set()
 
@@ -150,6 +159,12 @@ class Worker:
         if not self._routes:
             raise ConfigError(f"app {self.app.name!r} has no routes")
         self._running = True
+        log.info(
+            "worker: app %s, routes %s, concurrency %d",
+            self.app.name,
+            ", ".join(self._routes),
+            self.settings.worker_concurrency,
+        )
         try:
             await self._register_routes()
             settle_heap()
@@ -178,18 +193,19 @@ class Worker:
 
     async def _register_routes(self) -> None:
         """Announce the routes, waiting out a broker that is not up yet."""
+        retries = _Retries("route registration", BROKER_START_RETRY_MAX_S)
         while not self.stopping:
             try:
                 await self.broker.register_routes(self._routes)
-                return
             except BrokerError as exc:
-                log.warning(
-                    "route registration failed, retrying in %.1f s: %s", BROKER_RETRY_S, exc
-                )
-                await self._sleep_unless_stopping(BROKER_RETRY_S)
+                await self._sleep_unless_stopping(retries.failed(exc))
+            else:
+                retries.succeeded()
+                return
 
     async def _fetch_loop(self, tg: asyncio.TaskGroup, burst: bool) -> None:
         loop = asyncio.get_running_loop()
+        retries = _Retries("fetch", BROKER_RETRY_MAX_S)
         while not self.stopping:
             self._wakeup.clear()
             free = self.settings.worker_concurrency - len(self._jobs)
@@ -202,9 +218,9 @@ class Worker:
                     self.consumer_id, self._routes, free, self._fetch_timeout_s
                 )
             except BrokerError as exc:
-                log.warning("fetch failed, retrying in %.1f s: %s", BROKER_RETRY_S, exc)
-                await self._sleep_unless_stopping(BROKER_RETRY_S)
+                await self._sleep_unless_stopping(retries.failed(exc))
                 continue
+            retries.succeeded()
             for delivery in deliveries:
                 job = _Job(delivery, asked)
                 self._jobs[job] = tg.create_task(self._handle(job))
@@ -260,15 +276,17 @@ class Worker:
 
     async def _ack_loop(self) -> None:
         """Acknowledge finished messages in batches: whatever piled up meanwhile."""
+        retries = _Retries("ack", BROKER_RETRY_MAX_S)
         while True:
             await self._ack_wanted.wait()
             self._ack_wanted.clear()
             try:
                 await self._flush_acks()
             except BrokerError as exc:
-                log.warning("ack of %d messages failed, retrying: %s", len(self._acks), exc)
                 self._ack_wanted.set()
-                await asyncio.sleep(BROKER_RETRY_S)
+                await asyncio.sleep(retries.failed(exc))
+            else:
+                retries.succeeded()
 
     async def _flush_acks(self) -> None:
         if not self._acks:
@@ -447,6 +465,38 @@ class Worker:
         with contextlib.suppress(TimeoutError):
             async with asyncio.timeout(delay_s):
                 await self._stop.wait()
+
+
+class _Retries:
+    """A broker call that fails again and again: the backoff before each retry, and a
+    warning for the first failure, then at most every `BROKER_LOG_EVERY_S`."""
+
+    def __init__(self, what: str, cap_s: float) -> None:
+        self._what = what
+        self._backoff = Backoff(base_s=BROKER_RETRY_MIN_S, cap_s=cap_s)
+        self._logged_at = -math.inf
+
+    def failed(self, exc: BrokerError) -> float:
+        """Count a failure (logged when due); the delay before the next try."""
+        delay_s = self._backoff.next_delay_s()
+        now = time.monotonic()
+        if now - self._logged_at >= BROKER_LOG_EVERY_S:
+            self._logged_at = now
+            log.warning(
+                "%s failed (%d in a row), retrying in %.1f s: %s",
+                self._what,
+                self._backoff.attempt,
+                delay_s,
+                exc,
+            )
+        return delay_s
+
+    def succeeded(self) -> None:
+        """The call worked: a later failure starts over (logged at once)."""
+        if self._backoff.attempt:
+            log.info("%s works again after %d failures", self._what, self._backoff.attempt)
+            self._backoff.reset()
+            self._logged_at = -math.inf
 
 
 class _Undecodable(Exception):
