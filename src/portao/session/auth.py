@@ -9,6 +9,7 @@ RFC 7519 §4.1.3 asks of a recipient that is not named in it.
 
 from __future__ import annotations
 
+import functools
 import math
 import re
 import secrets
@@ -97,6 +98,13 @@ class _RoomMatcher:
         )
 
 
+@functools.lru_cache(maxsize=1024)
+def _compiled(patterns: tuple[str, ...]) -> _RoomMatcher:
+    """One matcher per `rooms` claim, shared by every connection whose token has it
+    (most have the same claim, or none): an idle connection does not hold its own."""
+    return _RoomMatcher.compile(patterns)
+
+
 @dataclass(frozen=True, slots=True)
 class Claims:
     """What a valid token says: user id, expiry, and the room patterns it grants."""
@@ -107,7 +115,7 @@ class Claims:
     _matcher: _RoomMatcher = field(init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
-        object.__setattr__(self, "_matcher", _RoomMatcher.compile(self.rooms))
+        object.__setattr__(self, "_matcher", _compiled(self.rooms))
 
     def may_join(self, room: str) -> bool:
         """True when a `rooms` pattern matches; `*` matches any run, `.` and `:` too."""

@@ -57,15 +57,18 @@ class NewlineCodec:
     as they arrive, never buffered, until the next newline.
     """
 
+    __slots__ = ("_buffer", "_closed", "_events", "_max_line", "_skipping", "max_frame_bytes")
+
     def __init__(self, max_frame_bytes: int) -> None:
         self.max_frame_bytes = max_frame_bytes
         # A line may end in "\r" that is not part of the payload.
         self._max_line = max_frame_bytes + 1
         # The partial line so far; it never contains b"\n", so new data is the only
-        # place a newline can be, and the buffer is never searched again.
-        self._buffer = bytearray()
+        # place a newline can be, and the buffer is never searched again. An empty
+        # one is the shared b"" (and no event list either): idle connections are many.
+        self._buffer: bytearray | bytes = b""
         self._skipping = False
-        self._events: list[FrameEvent] = []
+        self._events: list[FrameEvent] | None = None
         self._closed = False
 
     @property
@@ -82,7 +85,7 @@ class NewlineCodec:
             return
         if not data:
             self._closed = True
-            self._buffer.clear()
+            self._buffer = b""
             return
         start = 0
         if self._skipping or self._buffer:
@@ -93,12 +96,12 @@ class NewlineCodec:
             if self._skipping:
                 self._skipping = False
             elif len(self._buffer) + end > self._max_line:
-                self._buffer.clear()
-                self._events.append(_too_large(self.max_frame_bytes, fatal=False))
+                self._buffer = b""
+                self._emit(_too_large(self.max_frame_bytes, fatal=False))
             else:
                 self._buffer += data[:end]
                 self._add_line(bytes(self._buffer))
-                self._buffer.clear()
+                self._buffer = b""
             start = end + 1
         lines = (data[start:] if start else data).split(b"\n")
         tail = lines.pop()
@@ -111,23 +114,32 @@ class NewlineCodec:
         if self._skipping or not partial:
             return
         if len(self._buffer) + len(partial) > self._max_line:
-            self._buffer.clear()
+            self._buffer = b""
             self._skipping = True
-            self._events.append(_too_large(self.max_frame_bytes, fatal=False))
+            self._emit(_too_large(self.max_frame_bytes, fatal=False))
             return
-        self._buffer += partial
+        if self._buffer:
+            self._buffer += partial  # a bytearray: grows in place
+        else:
+            self._buffer = bytearray(partial)
 
     def _add_line(self, line: bytes) -> None:
         if line.endswith(b"\r"):
             line = line[:-1]
         if len(line) > self.max_frame_bytes:
-            self._events.append(_too_large(self.max_frame_bytes, fatal=False))
+            self._emit(_too_large(self.max_frame_bytes, fatal=False))
         elif line and not line.isspace():
-            self._events.append(Frame(line))
+            self._emit(Frame(line))
+
+    def _emit(self, event: FrameEvent) -> None:
+        if self._events is None:
+            self._events = [event]
+        else:
+            self._events.append(event)
 
     def events_received(self) -> list[FrameEvent]:
-        events, self._events = self._events, []
-        return events
+        events, self._events = self._events, None
+        return events if events is not None else []
 
     def send_frame(self, payload: bytes) -> bytes:
         # Inside valid JSON a raw newline can only be whitespace; turning it into a
@@ -146,6 +158,8 @@ class LengthPrefixCodec:
     A header announcing more than `max_frame_bytes` is fatal: the stream cannot be
     resynchronised without reading the whole frame, so the codec closes.
     """
+
+    __slots__ = ("_buffer", "_closed", "_events", "max_frame_bytes")
 
     def __init__(self, max_frame_bytes: int) -> None:
         self.max_frame_bytes = max_frame_bytes
