@@ -8,7 +8,8 @@ up again. A channel the broker closed (a declaration it refused, a consumer time
 is reopened on next use; a consumer's channel that dies while the connection lives
 bounces the whole connection (`fail`), so there is one recovery path, tested once.
 
-aiormq exceptions are translated here into `BrokerUnavailable` (`translate`).
+aiormq exceptions are translated here into `BrokerUnavailable` (`translate`), with
+the broker's own words where it gave some ("NOT_ALLOWED - vhost x not found").
 """
 
 from __future__ import annotations
@@ -23,6 +24,10 @@ from math import ceil
 
 import aiormq
 import aiormq.abc
+from aiormq.connection import FrameReceiver, exception_by_code
+from pamqp.base import Frame
+from pamqp.commands import Connection
+from pamqp.frame import FrameTypes
 from yarl import URL
 
 from portao.config import Settings
@@ -84,7 +89,44 @@ async def translate(what: str, timeout_s: float) -> AsyncIterator[None]:
         async with asyncio.timeout(timeout_s):
             yield
     except LINK_ERRORS as exc:
-        raise BrokerUnavailable(f"RabbitMQ: {what} failed: {exc!r}") from exc
+        raise BrokerUnavailable(f"RabbitMQ: {what} failed: {reason(exc)}") from exc
+
+
+def reason(exc: BaseException) -> str:
+    """An aiormq or socket error in words: the broker's reply text when it sent one."""
+    if isinstance(exc, TimeoutError):
+        return "timed out"
+    texts = [arg for arg in exc.args if isinstance(arg, str) and arg]
+    return texts[-1] if texts else repr(exc)
+
+
+class _HandshakeFrames(FrameReceiver):
+    """Frames of the handshake, where a `Connection.Close` raises with its reply text."""
+
+    async def get_frame(self) -> tuple[int, int, FrameTypes]:
+        received = await super().get_frame()
+        if isinstance(received[2], Connection.Close):
+            raise exception_by_code(received[2])
+        return received
+
+
+class _Connection(aiormq.Connection):
+    """aiormq's connection, saying why the broker refused the handshake.
+
+    aiormq 7 checks a handshake answer against the frames it expects before it looks
+    for `Connection.Close`, so a refused `Connection.Open` (a missing vhost, one the
+    user may not use) surfaced as an `InvalidFrameError` naming the frame's repr.
+    """
+
+    @staticmethod
+    async def _rpc(
+        request: Frame,
+        writer: asyncio.StreamWriter,
+        frame_receiver: FrameReceiver,
+        wait_response: bool = True,
+    ) -> FrameTypes | None:
+        frames = _HandshakeFrames(frame_receiver.reader)
+        return await aiormq.Connection._rpc(request, writer, frames, wait_response)
 
 
 class _ChannelSlot:
@@ -191,7 +233,7 @@ class AmqpLink:
 
     async def _open(self) -> aiormq.abc.AbstractConnection:
         """Connect, then run `on_up`; the link is up only once both succeeded."""
-        connection = aiormq.Connection(self._url)
+        connection = _Connection(self._url)
         try:
             async with translate(f"connecting to {self.safe_url}", self.timeouts.connect_s):
                 await connection.connect()
@@ -205,6 +247,7 @@ class AmqpLink:
             await _close(connection, "set-up failed")
             raise
         self._up = True
+        log.info("RabbitMQ link up (vhost %s) at %s", self._url.path[1:] or "/", self.safe_url)
         return connection
 
     async def _supervise(self, connection: aiormq.abc.AbstractConnection) -> None:
@@ -213,7 +256,6 @@ class AmqpLink:
             self._up = False
             log.warning("RabbitMQ link to %s lost; reconnecting", self.safe_url)
             connection = await self._reconnect()
-            log.info("RabbitMQ link to %s restored", self.safe_url)
 
     async def _wait_down(self, connection: aiormq.abc.AbstractConnection) -> None:
         """Return once the connection closed, closing it first if `fail` was called."""

@@ -168,6 +168,7 @@ class Gateway:
         self._binding_lock = asyncio.Lock()
         self._tasks: set[Future[Any]] = set()  # tasks, and publishes in flight
         self._loops: list[asyncio.Task[None]] = []
+        self._attached = False  # the inbox was opened once (see `start`)
         self._draining = False
         self._drained = asyncio.Event()
         self._changed = asyncio.Event()  # a call, publish or connection ended
@@ -175,14 +176,19 @@ class Gateway:
     # -- lifecycle ----------------------------------------------------------------
 
     async def start(self) -> None:
-        """Connect to the broker, open the inbox, start listening."""
-        await self.broker.connect()
-        if self._own_state:
-            await self.state.connect()
-        await self.broker.open_inbox(self.id)
-        await self._heartbeat_once()
+        """Attach to the broker (connect, open the inbox), start listening.
+
+        A broker that cannot be reached yet is an outage that began first (DESIGN.md
+        §3.4): the gateway listens anyway, is not ready, answers new work
+        `unavailable`, and the inbox loop attaches with backoff and jitter.
+        """
+        unreachable: BrokerError | None = None
+        try:
+            await self._reattach()
+        except BrokerError as exc:
+            unreachable = exc
         self._loops = [
-            asyncio.create_task(self._inbox_loop(), name="gateway-inbox"),
+            asyncio.create_task(self._inbox_loop(unreachable), name="gateway-inbox"),
             asyncio.create_task(self._heartbeat_loop(), name="gateway-heartbeat"),
             asyncio.create_task(self._deadline_loop(), name="gateway-deadlines"),
         ]
@@ -208,7 +214,7 @@ class Gateway:
         return out
 
     def is_ready(self) -> bool:
-        return not self._draining and self.broker.is_ready()
+        return not self._draining and self._attached and self.broker.is_ready()
 
     async def drain(self) -> None:
         """Graceful shutdown; returns when every connection is closed."""
@@ -258,8 +264,9 @@ class Gateway:
         for server in self.servers:
             await server.wait_closed()
         try:
-            await self.broker.close_inbox(self.id)
-            await self.state.forget_gateway(self.id)
+            if self._attached:  # else there is no inbox to remove
+                await self.broker.close_inbox(self.id)
+                await self.state.forget_gateway(self.id)
         except BrokerError as exc:
             log.warning("could not remove the inbox cleanly: %s", exc)
         if self._own_state:
@@ -470,11 +477,15 @@ class Gateway:
                     await self.broker.unbind_room(self.id, room)
 
     async def _reattach(self) -> None:
-        """Open the inbox again and restore every binding and room membership.
+        """Connect if never connected, open the inbox (again) and restore every
+        binding and room membership.
 
         After an outage longer than `presence_ttl_s` (or a broker restarted without
         its data) the broker has forgotten this gateway; its connections have not.
         """
+        await self.broker.connect()  # both: no-op once connected
+        if self._own_state:
+            await self.state.connect()
         await self.broker.open_inbox(self.id)
         await self._heartbeat_once()
         async with self._binding_lock:
@@ -486,23 +497,31 @@ class Gateway:
                 conn = self.conns.get(conn_id)
                 if conn is not None and conn.session is not None and conn.session.user:
                     await self.state.room_join(room, Member(self.id, conn_id, conn.session.user))
-        log.info("inbox reattached", extra={"gateway": self.id})
+        self._attached = True
 
     # -- replies and pushes ---------------------------------------------------------
 
-    async def _inbox_loop(self) -> None:
+    async def _inbox_loop(self, unreachable: BrokerError | None) -> None:
+        """Read replies and pushes; attach again after failures (first, if `start`
+        could not: `unreachable`), with backoff and jitter."""
         backoff = 0.1
         failures = 0
+        if unreachable is not None:
+            failures = 2
+            backoff = await self._pause(backoff, unreachable)
         while True:
             try:
                 if failures >= 2:
+                    attached = self._attached
                     await self._reattach()
+                    log.info(
+                        "inbox reattached" if attached else "broker reached: inbox open, ready",
+                        extra={"gateway": self.id},
+                    )
                 messages = await self.broker.read_inbox(self.id, INBOX_BATCH, INBOX_WAIT_S)
             except BrokerError as exc:
                 failures += 1
-                log.warning("inbox read failed, retrying in %.1fs: %s", backoff, exc)
-                await asyncio.sleep(backoff * (0.5 + random.random()))
-                backoff = min(backoff * 2, 5.0)
+                backoff = await self._pause(backoff, exc)
                 continue
             backoff = 0.1
             failures = 0
@@ -514,6 +533,16 @@ class Gateway:
                 else:
                     self._dispatch(message)
             self._flush_queued()
+
+    async def _pause(self, backoff: float, exc: BrokerError) -> float:
+        """Log the failure, wait about `backoff` (with jitter); the next backoff."""
+        log.warning(
+            "%s, retrying in %.1fs: %s",
+            "inbox read failed" if self._attached else "cannot reach the broker; not ready",
+            backoff, exc, extra={"gateway": self.id},
+        )
+        await asyncio.sleep(backoff * (0.5 + random.random()))
+        return min(backoff * 2, 5.0)
 
     def _dispatch(self, message: Reply | ErrorReply | Push) -> None:
         match message:
@@ -610,7 +639,8 @@ class Gateway:
     async def _heartbeat_loop(self) -> None:
         while True:
             await asyncio.sleep(self.settings.heartbeat_s)
-            await self._heartbeat_once()
+            if self._attached:  # else the inbox loop is attaching
+                await self._heartbeat_once()
 
     async def _heartbeat_once(self) -> None:
         try:
