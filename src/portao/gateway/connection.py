@@ -76,7 +76,8 @@ class ClientConnection(asyncio.Protocol):
         codec = self._codec = codec_factory(gateway.settings.max_frame_bytes)
         self._ws = codec if isinstance(codec, WebSocketCodec) else None
         self._transport: asyncio.Transport | None = None
-        self._backlog: list[FrameEvent] = []
+        # Events not yet handled (held by a rate-limit pause); None when there are none.
+        self._backlog: list[FrameEvent] | None = None
         self._paused = False
         self._queued: list[bytes] | None = None  # see queue_payload
         self._closing = False
@@ -129,7 +130,7 @@ class ClientConnection(asyncio.Protocol):
             token = ws.take_url_token()
             if token is not None:
                 self._auth_from_url(token)
-        self._backlog.extend(codec.events_received())
+        self._take_events(codec.events_received())
         self._process()
         if ws is not None and ws.is_closed and not self._closing:
             self.close()  # the client's close frame, echoed: closing handshake done
@@ -160,19 +161,31 @@ class ClientConnection(asyncio.Protocol):
 
     # -- input --------------------------------------------------------------------
 
+    def _take_events(self, events: list[FrameEvent]) -> None:
+        if not events:
+            return
+        if self._backlog:
+            self._backlog.extend(events)
+        else:
+            self._backlog = events
+
     def _process(self) -> None:
         session = self.session
         if session is None or self._paused:
             return
         backlog = self._backlog
-        now = time.time()
-        index = 0
-        while index < len(backlog) and not self._closing and not self._paused:
-            actions = session.receive_event(backlog[index], now)
-            if not (actions and isinstance(actions[0], PauseReading) and actions[0].hold):
-                index += 1  # consumed; a held event is fed again after the pause
-            self._execute(actions)
-        del backlog[:index]
+        if backlog is not None:
+            now = time.time()
+            index = 0
+            while index < len(backlog) and not self._closing and not self._paused:
+                actions = session.receive_event(backlog[index], now)
+                if not (actions and isinstance(actions[0], PauseReading) and actions[0].hold):
+                    index += 1  # consumed; a held event is fed again after the pause
+                self._execute(actions)
+            if index == len(backlog):
+                self._backlog = None
+            else:
+                del backlog[:index]
         if not self._closing:
             self._arm_timer()
 
@@ -249,7 +262,7 @@ class ClientConnection(asyncio.Protocol):
         if ws is not None and not self._closing:
             ws.on_deadline(now)  # a ping, or the event that the client went silent
             self._flush_codec()
-            self._backlog.extend(ws.events_received())
+            self._take_events(ws.events_received())
             self._process()
         if not self._closing:
             self._arm_timer()
