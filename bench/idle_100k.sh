@@ -17,6 +17,7 @@ run_idle() {  # processes connections json
   portao bench idle --target "tcp://127.0.0.1:$port" -c "$2" -d 20 --warmup 0 \
     --server-pid "$gateway" --timeout 60 --json "$3" || true
   kill "$gateway"; wait "$gateway" || true
+  redis-cli --scan --pattern "$prefix:*" | xargs -r redis-cli del >/dev/null 2>&1 || true
 }
 run_idle 1 19000 bench/results/idle-19k.json
 run_idle 7 100000 bench/results/idle-100k.json

@@ -16,7 +16,12 @@ portao gateway --listen "tcp://127.0.0.1:$port" "${broker[@]}" >/dev/null 2>&1 &
 gateway=$!
 portao worker "${broker[@]}" >/dev/null 2>&1 &
 worker=$!
-trap 'kill $gateway $worker 2>/dev/null || true' EXIT
+cleanup() {
+  kill "$gateway" "$worker" 2>/dev/null || true
+  wait "$gateway" "$worker" 2>/dev/null || true
+  redis-cli --scan --pattern "$prefix:*" | xargs -r redis-cli del >/dev/null 2>&1 || true
+}
+trap cleanup EXIT
 sleep 3
 redis=$(redis-cli info server | sed -n 's/^process_id:\([0-9]*\).*/\1/p')
 rpc() {
