@@ -11,6 +11,7 @@ from typing import Any
 
 import pytest
 
+from portao.gateway import connection
 from portao.session.auth import mint_token
 from portao.worker.app import App
 from tests.gateway.conftest import SECRET, RawClient, Stack, StackFactory, eventually
@@ -207,6 +208,32 @@ async def test_token_expiring_mid_connection(stack: Stack) -> None:
     assert bye["op"] == "bye"
     assert bye["code"] == "unauthorized"
     assert await c.closed()
+
+
+async def test_a_far_token_expiry_holds_no_timer_of_its_own_until_near(
+    stack: Stack, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Idle connections wait for their far deadlines under one timer (FarDeadlines);
+    the expiry is still on time, and a connection that closes leaves nothing behind."""
+    monkeypatch.setattr(connection, "TIMER_HORIZON_S", 1.0)
+    expiring = await stack.authed("alice", ttl_s=2.5)
+    leaving = await stack.authed("bob", ttl_s=30)
+    authed_at = time.monotonic()
+    conns = {c.session.user: c for c in stack.gateway.conns.values() if c.session}
+    for conn in conns.values():
+        assert conn._timer is None
+        assert conn._far
+    buckets = stack.gateway.far_deadlines._buckets
+    assert conns["bob"].conn_id in buckets[conns["bob"]._far]
+    leaving.writer.close()
+    await eventually(lambda: conns["bob"].conn_id not in stack.gateway.conns)
+    assert all(conns["bob"].conn_id not in bucket for bucket in buckets.values())
+
+    bye = await expiring.recv(timeout_s=5)
+    assert (bye["op"], bye["code"]) == ("bye", "unauthorized")
+    assert 2.0 < time.monotonic() - authed_at < 4.0
+    assert await expiring.closed()
+    assert not buckets
 
 
 async def test_refresh_extends_and_other_sub_forbidden(stack: Stack) -> None:
@@ -439,6 +466,14 @@ async def test_push_user_reaches_every_connection(stack_factory: StackFactory) -
     await alice.request({"op": "call", "id": 1, "route": "poke", "data": "bob"})
     for c in (bob1, bob2):
         assert await c.recv() == {"op": "push", "route": "poked", "data": {"by": "alice"}}
+    # One connection left of two, then none: the user index follows.
+    await bob2.aclose()
+    await eventually(lambda: len(stack.gateway.conns) == 2)
+    await alice.request({"op": "call", "id": 2, "route": "poke", "data": "bob"})
+    assert await bob1.recv() == {"op": "push", "route": "poked", "data": {"by": "alice"}}
+    await bob1.aclose()
+    await eventually(lambda: len(stack.gateway.conns) == 1)
+    assert list(stack.gateway.users) == ["alice"]
 
 
 async def test_graceful_shutdown_with_calls_in_flight(stack_factory: StackFactory) -> None:

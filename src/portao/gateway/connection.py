@@ -47,6 +47,55 @@ log = logging.getLogger("portao.gateway")
 
 #: How long a closing connection may take to flush its `bye` before it is aborted.
 CLOSE_GRACE_S = 2.0
+#: A deadline further away than this (a token's expiry, an hour out, say) gets no
+#: timer of its own yet: the connection waits in `FarDeadlines`.
+TIMER_HORIZON_S = 60.0
+
+
+class FarDeadlines:
+    """Connections whose next deadline is far off, in one-second buckets, under one
+    timer: each gets a timer of its own once its deadline is within TIMER_HORIZON_S.
+    A timer handle costs an idle connection about 600 bytes.
+    """
+
+    __slots__ = ("_buckets", "_handle", "_next")
+
+    def __init__(self) -> None:
+        self._buckets: dict[int, dict[int, ClientConnection]] = {}
+        self._next = 0  # the first second not yet handled
+        self._handle: asyncio.TimerHandle | None = None
+
+    def add(self, conn: ClientConnection, at: float) -> int:
+        """Call `conn.far_deadline_due(key)` at `at` (to the second); returns the key."""
+        if self._handle is None:
+            self._next = max(self._next, int(time.time()))
+            self._handle = asyncio.get_running_loop().call_later(1.0, self._tick)
+        key = max(int(at), self._next)
+        self._buckets.setdefault(key, {})[conn.conn_id] = conn
+        return key
+
+    def remove(self, conn: ClientConnection, key: int) -> None:
+        bucket = self._buckets.get(key)
+        if bucket is not None and bucket.pop(conn.conn_id, None) is not None and not bucket:
+            del self._buckets[key]
+
+    def close(self) -> None:
+        if self._handle is not None:
+            self._handle.cancel()
+            self._handle = None
+        self._buckets.clear()
+
+    def _tick(self) -> None:
+        now = time.time()
+        buckets = self._buckets
+        while self._next <= now and buckets:
+            key = self._next
+            self._next += 1
+            for conn in buckets.pop(key, {}).values():
+                conn.far_deadline_due(key)
+        self._handle = (
+            asyncio.get_running_loop().call_later(1.0, self._tick) if buckets else None
+        )
 
 
 class ClientConnection(asyncio.Protocol):
@@ -57,6 +106,7 @@ class ClientConnection(asyncio.Protocol):
         "_backlog",
         "_closing",
         "_codec",
+        "_far",
         "_gateway",
         "_paused",
         "_queued",
@@ -83,6 +133,7 @@ class ClientConnection(asyncio.Protocol):
         self._closing = False
         self._timer: asyncio.TimerHandle | None = None
         self._timer_at = 0.0
+        self._far = 0  # the FarDeadlines key this connection waits under, if any
         self.conn_id = 0
         self.in_flight = 0  # requests awaiting the broker (publishes, auth binding, sub/unsub)
         self.read_eof = False  # the client shut its write side: answer, then close
@@ -155,6 +206,7 @@ class ClientConnection(asyncio.Protocol):
         if self._timer is not None:
             self._timer.cancel()
             self._timer = None
+        self._drop_far()
         if self.session is not None:
             self.session.mark_closed()
             self._gateway.forget(self)
@@ -241,16 +293,37 @@ class ClientConnection(asyncio.Protocol):
             ping_at = self._ws.next_deadline(time.time())
             if ping_at is not None and (deadline is None or ping_at < deadline):
                 deadline = ping_at
-        if deadline == self._timer_at and self._timer is not None:
+        if deadline == self._timer_at and (self._timer is not None or self._far):
             return
         if self._timer is not None:
             self._timer.cancel()
             self._timer = None
         if deadline is None:
+            self._drop_far()
             return
         self._timer_at = deadline
-        delay = max(0.0, deadline - time.time())
-        self._timer = asyncio.get_running_loop().call_later(delay, self._on_timer)
+        delay = deadline - time.time()
+        if delay > TIMER_HORIZON_S:
+            wake_at = deadline - TIMER_HORIZON_S
+            # A deadline that moved later keeps its earlier wake-up (which re-arms).
+            if not self._far or self._far > wake_at:
+                self._drop_far()
+                self._far = self._gateway.far_deadlines.add(self, wake_at)
+            return
+        self._drop_far()
+        self._timer = asyncio.get_running_loop().call_later(max(0.0, delay), self._on_timer)
+
+    def far_deadline_due(self, key: int) -> None:
+        """`FarDeadlines`: the deadline is near now (unless it moved)."""
+        if self._far == key:
+            self._far = 0
+            if not self._closing:
+                self._arm_timer()
+
+    def _drop_far(self) -> None:
+        if self._far:
+            self._gateway.far_deadlines.remove(self, self._far)
+            self._far = 0
 
     def _on_timer(self) -> None:
         self._timer = None

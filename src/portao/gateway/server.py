@@ -32,7 +32,7 @@ from portao.envelope import (
     new_gateway_id,
 )
 from portao.errors import BrokerError, ErrorCode
-from portao.gateway.connection import CLOSE_GRACE_S, ClientConnection
+from portao.gateway.connection import CLOSE_GRACE_S, ClientConnection, FarDeadlines
 from portao.gateway.listeners import ListenSpec, open_server, parse_listen
 from portao.routing.pending import PendingCall, PendingCalls
 from portao.session.actions import Authenticated, JoinRoom, LeaveRoom, Publish
@@ -158,8 +158,11 @@ class Gateway:
         self.stats = GatewayStats()
         self._publish_failures = RepeatLog("publish")
         self.conns: dict[int, ClientConnection] = {}
+        self.far_deadlines = FarDeadlines()
         self._queued: list[ClientConnection] = []  # connections holding queued messages
-        self.users: dict[str, set[int]] = {}
+        # user -> its connection ids: one id as a bare int (most users have one
+        # connection; a set costs an idle connection 216 bytes), more in a set.
+        self.users: dict[str, int | set[int]] = {}
         self.rooms: dict[str, set[int]] = {}
         self.servers: list[asyncio.Server] = []
         self._next_conn = 0
@@ -258,6 +261,7 @@ class Gateway:
         """Stop every task and release the broker side (after `drain`)."""
         for server in self.servers:
             server.close()
+        self.far_deadlines.close()
         for task in [*self._loops, *self._tasks]:
             task.cancel()
         await asyncio.gather(*self._loops, *self._tasks, return_exceptions=True)
@@ -317,15 +321,10 @@ class Gateway:
         if session is None or session.user is None:
             return
         user = session.user
-        rooms = list(session.rooms)
-        session.rooms.clear()
+        rooms = session.take_rooms()
         for room in rooms:
             self._local_leave(room, conn.conn_id)
-        conns = self.users.get(user)
-        if conns is not None:
-            conns.discard(conn.conn_id)
-            if not conns:
-                del self.users[user]
+        _index_discard(self.users, user, conn.conn_id)
         self._spawn(self._cleanup(user, conn.conn_id, rooms))
 
     async def _cleanup(self, user: str, conn_id: int, rooms: list[str]) -> None:
@@ -382,8 +381,7 @@ class Gateway:
     def authenticated(self, conn: ClientConnection, action: Authenticated) -> None:
         self.stats.count_in("auth")
         user = action.user
-        conns = self.users.setdefault(user, set())
-        conns.add(conn.conn_id)
+        _index_add(self.users, user, conn.conn_id)
         if user in self._bound_users:
             conn.send_payload(wire.encode_ok(user, action.client_id))
             return
@@ -429,7 +427,7 @@ class Gateway:
         assert session is not None
         assert session.user is not None
         self._local_leave(action.room, conn.conn_id)
-        session.rooms.discard(action.room)
+        session.discard_room(action.room)
         try:
             await self.state.room_leave(action.room, Member(self.id, conn.conn_id, session.user))
             await self._sync_bindings(rooms=[action.room])
@@ -440,7 +438,7 @@ class Gateway:
 
     def _local_join(self, room: str, conn: ClientConnection) -> None:
         assert conn.session is not None
-        conn.session.rooms.add(room)
+        conn.session.add_room(room)
         self.rooms.setdefault(room, set()).add(conn.conn_id)
 
     def _local_leave(self, room: str, conn_id: int) -> None:
@@ -562,7 +560,7 @@ class Gateway:
                 if conn_id is not None:
                     self._deliver(conn_id, payload)
                 elif user is not None:
-                    for target in list(self.users.get(user, ())):
+                    for target in _index_get(self.users, user):
                         self._deliver(target, payload)
                 elif room is not None:
                     for target in list(self.rooms.get(room, ())):
@@ -575,7 +573,7 @@ class Gateway:
             case Leave(conn=conn_id, room=room):
                 conn = self.conns.get(conn_id)
                 if conn is not None and conn.session is not None:
-                    conn.session.rooms.discard(room)
+                    conn.session.discard_room(room)
                 self._local_leave(room, conn_id)
                 await self._guarded(self._sync_bindings(rooms=[room]))
 
@@ -668,6 +666,35 @@ class Gateway:
         task = asyncio.create_task(work)
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
+
+
+def _index_add(index: dict[str, int | set[int]], key: str, conn_id: int) -> None:
+    held = index.get(key)
+    if held is None:
+        index[key] = conn_id
+    elif isinstance(held, int):
+        if held != conn_id:
+            index[key] = {held, conn_id}
+    else:
+        held.add(conn_id)
+
+
+def _index_discard(index: dict[str, int | set[int]], key: str, conn_id: int) -> None:
+    held = index.get(key)
+    if isinstance(held, int):
+        if held == conn_id:
+            del index[key]
+    elif held is not None:
+        held.discard(conn_id)
+        if len(held) == 1:
+            index[key] = held.pop()
+
+
+def _index_get(index: dict[str, int | set[int]], key: str) -> tuple[int, ...]:
+    held = index.get(key)
+    if held is None:
+        return ()
+    return (held,) if isinstance(held, int) else tuple(held)
 
 
 def _same(a: object, b: object) -> bool:

@@ -90,10 +90,10 @@ class Session:
         "_limits",
         "_pending",
         "_rate_limited",
+        "_rooms",
         "_verifier",
         "conn",
         "gateway_id",
-        "rooms",
         "state",
     )
 
@@ -109,7 +109,7 @@ class Session:
         self.conn = conn
         self.gateway_id = gateway_id
         self.state = State.AWAITING_AUTH
-        self.rooms: set[str] = set()
+        self._rooms: set[str] | None = None  # made on the first join: most never join
         self._limits = limits
         self._verifier = verifier
         self._pending = pending
@@ -127,6 +127,26 @@ class Session:
     @property
     def is_open(self) -> bool:
         return self.state is State.OPEN
+
+    # -- rooms (the gateway's bookkeeping of this connection's memberships) -------
+
+    @property
+    def rooms(self) -> frozenset[str]:
+        return frozenset(self._rooms or ())
+
+    def add_room(self, room: str) -> None:
+        if self._rooms is None:
+            self._rooms = set()
+        self._rooms.add(room)
+
+    def discard_room(self, room: str) -> None:
+        if self._rooms is not None:
+            self._rooms.discard(room)
+
+    def take_rooms(self) -> list[str]:
+        """Every room, forgotten (the connection is gone)."""
+        rooms, self._rooms = self._rooms, None
+        return list(rooms or ())
 
     # -- input ------------------------------------------------------------------
 
