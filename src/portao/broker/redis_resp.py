@@ -114,8 +114,8 @@ class RespConnection(asyncio.Protocol):
                     if not future.done():
                         future.set_result(replies)
         except hiredis.ProtocolError as exc:
-            self.close()
             self._fail(ConnectionError(f"redis protocol error: {exc}"))
+            self.close()
 
     def connection_lost(self, exc: Exception | None) -> None:
         self._fail(exc or ConnectionError("redis closed the connection"))
