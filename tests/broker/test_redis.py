@@ -178,6 +178,24 @@ async def test_an_ack_inside_a_long_range_of_held_entries_finds_them_all(
     assert await shared_raw.get(keys.backlog("wide")) == b"0"
 
 
+async def test_a_refused_command_fails_alone_in_its_batch(
+    private_redis: RedisServer, open_broker: OpenBroker, make_settings: Callable[..., Settings]
+) -> None:
+    broker = open_broker(private_redis.url, make_settings())
+    await broker.connect()
+    link = broker._link
+    results = await asyncio.gather(
+        link.submit("SET", "a", b"1"),
+        link.submit("NOSUCHCOMMAND"),
+        link.submit("GET", "a"),
+        return_exceptions=True,
+    )
+    assert results[0] == b"OK"
+    assert isinstance(results[1], BrokerUnavailable)
+    assert "NOSUCHCOMMAND" in str(results[1])
+    assert results[2] == b"1"
+
+
 # -- trimming -------------------------------------------------------------------------
 
 
