@@ -5,15 +5,19 @@ connection, timeouts and command batching in `redis_link`):
 
 - a route is a stream read through one consumer group; each worker is a consumer.
   A counter next to the stream holds its backlog (undelivered + pending): publish
-  checks it and XADDs in one script, ack and dead letters lower it. Streams are
-  trimmed with `XTRIM MINID` below the oldest entry a group has not acknowledged,
-  at most once a second per route, piggybacked on acks;
-- fetch reclaims entries idle past `visibility_timeout_s` (XAUTOCLAIM) and reads
-  new ones in one script, then blocks on XREADGROUP; extend, ack and dead_letter
-  act only on entries the consumer still holds (same owner, same delivery count).
-  A vanished group (Redis lost its data) is recreated, with backoff;
+  checks it and XADDs in one script (the publishes of one flush to one route are
+  one call), ack and dead letters lower it. Streams are trimmed with `XTRIM MINID`
+  below the oldest entry a group has not acknowledged, at most once a second per
+  route, piggybacked on acks;
+- fetch blocks on XREADGROUP, which returns at once whatever is there; when a
+  reclaim is due (every `visibility_timeout_s` / 2 at most), one script first
+  reclaims entries idle past `visibility_timeout_s` (XAUTOCLAIM) and reads new
+  ones. Extend, ack and dead_letter act only on entries the consumer still holds
+  (same owner, same delivery count). A vanished group (Redis lost its data) is
+  recreated, with backoff;
 - a gateway's inbox is a stream that expires with its liveness key, read by a
-  background task into a bounded buffer; user bindings and room members are zsets
+  background task into a bounded buffer (the replies of one flush to one gateway
+  are one script call); user bindings and room members are zsets
   of `member -> expiry` that the heartbeat refreshes through a per-gateway index.
   Room pushes are pub/sub, at-most-once: one subscription per room per process.
 """
