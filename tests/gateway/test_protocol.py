@@ -93,6 +93,7 @@ async def test_raw_data_passes_untouched(stack: Stack) -> None:
         (b'{"op": "call", "id": [1], "route": "echo", "data": 1}', "bad_request"),
         (b'{"op": "sub", "room": ""}', "bad_request"),
         (b'{"op": "send", "route": 5, "data": 1}', "bad_request"),
+        (b'{"op": "call", "id": 1, "route": "echo", "data": [1e400]}', "bad_request"),
     ],
 )
 async def test_bad_input_keeps_connection(
@@ -119,6 +120,14 @@ async def test_error_carries_id_when_readable(stack: Stack) -> None:
     answer = await c.request({"op": "call", "id": 7, "route": "bad name", "data": 1})
     assert answer["code"] == "bad_request"
     assert answer["id"] == 7
+    # too deep to decode: the id is still found when it is the last field
+    deep = b"[" * 5000 + b"]" * 5000
+    await c.send_bytes(b'{"op":"call","route":"echo","data":%s,"id":8}' % deep)
+    answer = await c.recv()
+    assert (answer["code"], answer["id"]) == ("bad_request", 8)
+    await c.send_bytes(b'{"op":"call","id":9,"route":"echo","data":-1E+400}')
+    answer = await c.recv()
+    assert (answer["code"], answer["id"]) == ("bad_request", 9)
 
 
 @FRAMINGS

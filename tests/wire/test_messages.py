@@ -220,7 +220,32 @@ def test_lone_surrogate_escape_in_data() -> None:
 def test_deep_nesting_never_raises(depth: int) -> None:
     data = b"[" * depth + b"]" * depth
     result = decode_message(b'{"op":"send","route":"r","id":1,"data":' + data + b"}")
-    assert result == Send("r", data, 1) or result == bad_request("JSON nested too deeply")
+    assert result == Send("r", data, 1) or result == bad_request("JSON nested too deeply", 1)
+
+
+DEEP = b"[" * 100_000 + b"]" * 100_000
+
+
+@pytest.mark.parametrize(
+    ("payload", "id"),
+    [
+        (b'{"op":"call","id":7,"route":"r","data":%s}' % DEEP, 7),
+        (b'{ "id" : "a\\"b" , "op":"call","route":"r","data":%s}' % DEEP, 'a"b'),
+        # portao.client writes the id last
+        (b'{"op":"call","route":"r","data":%s,"id":8}' % DEEP, 8),
+        (b'{"op":"call","route":"r","data":%s , "id" : "x" }\n' % DEEP, "x"),
+        (b'{"op":"call","route":"r","data":%s}' % DEEP, None),
+        # an id after the deep value but not last, or nested, or not an id: none
+        (b'{"op":"call","route":"r","data":%s,"id":9,"x":1}' % DEEP, None),
+        (b'{"op":"call","route":"r","data":[{"id":5},%s]}' % DEEP, None),
+        (b'{"op":"call","data":{"id":5,"a":%s},"route":"r"}' % DEEP, None),
+        (b'{"op":"call","route":"r","data":%s,"id":true}' % DEEP, None),
+        (b'{"op":"call","route":"r","data":%s,"id":1.5}' % DEEP, None),
+        (b'{"op":"call","route":"r","data":%s,"id":"%s"}' % (DEEP, b"i" * 65), None),
+    ],
+)
+def test_deep_nesting_answer_carries_a_shallow_id(payload: bytes, id: int | str | None) -> None:
+    assert decode_message(payload) == bad_request("JSON nested too deeply", id)
 
 
 def test_deep_nesting_in_a_bad_message() -> None:
@@ -231,10 +256,47 @@ def test_deep_nesting_in_a_bad_message() -> None:
 
 @pytest.mark.parametrize(
     "data",
-    [b"1" * 60_000, b"1e99999", b"-1e-99999", b'"' + b"s" * 60_000 + b'"', b"123456789" * 100],
+    [
+        b"1" * 4300,  # the most digits a worker decodes
+        b"-1e-99999",
+        b"1.7976931348623157e308",
+        b"[1e99, 1E+99, 0e999, 0.0e+500]",
+        b'"' + b"s" * 60_000 + b'"',
+        b'"1e400 in a string"',
+        b'{"a":"%s","b":"e400 %s"}' % (b"x" * 300, b"9" * 300),  # only in strings
+        b"123456789" * 100,
+    ],
 )
 def test_huge_numbers_and_long_strings_are_valid_data(data: bytes) -> None:
     assert decode_message(b'{"op":"send","route":"r","data":' + data + b"}") == Send("r", data)
+
+
+OUT_OF_RANGE = (
+    "field `data` holds a number a worker cannot decode (past a double's range, like "
+    "1e400, or an integer of over 4300 digits); send it as a string"
+)
+
+
+@pytest.mark.parametrize(
+    "data",
+    [
+        b"1e400",
+        b"-1e400",
+        b"1.8e308",
+        b'[1, {"a": 1E+400}]',
+        b"1" * 250 + b"e99",  # no 3-digit exponent, yet past 1.8e308
+        b'["%s", %se99]' % (b"x" * 300, b"1" * 250),  # the same in large data
+        b"1" * 4301,
+        b"[" + b"1.5," * 100 + b"-1e400]",  # large data: found by the pre-check
+        b'{"a":"%s","n":-1E+0400}' % (b"x" * 300),
+        b"[" + b"7" * 400 + b".5]",
+    ],
+)
+def test_number_no_worker_decodes_is_refused(data: bytes) -> None:
+    call = b'{"op":"call","id":3,"route":"r","data":' + data + b"}"
+    assert decode_message(call) == bad_request(OUT_OF_RANGE, 3)
+    send = b'{"op":"send","route":"r","data":' + data + b"}"
+    assert decode_message(send) == bad_request(OUT_OF_RANGE)
 
 
 def test_long_bad_value_is_not_echoed() -> None:

@@ -87,10 +87,39 @@ class _IdProbe(msgspec.Struct):
 
 _decoder = msgspec.json.Decoder(_Auth | _Call | _Send | _Sub | _Unsub | _Ping)
 _id_decoder = msgspec.json.Decoder(_IdProbe)
+_id_value_decoder = msgspec.json.Decoder(_Id | None)
 _OPS = "auth, call, send, sub, unsub, ping"
 _OBJECT_START = re.compile(rb"[ \t\r\n]*\{")
 _FIELD_ERROR = re.compile(r" - at `\$\.([A-Za-z_]+)`$")
 _FIELD_NAME = re.compile(r"field `(.*)`$", re.DOTALL)
+# A number a worker cannot decode: a double overflows only with an exponent of 3+
+# digits, or 210+ digits before an exponent of 2; an integer of over 4300 digits is
+# refused too. A string holds no number; other small `data` is decoded to check (the
+# cheapest way), larger `data` only when, digits made "0", "E" made "e" and "+"
+# dropped, it holds "e000" or 210 "0"s.
+_DECODE_UP_TO = 256
+_QUOTE = ord('"')
+_decode_any = msgspec.json.decode
+_NUMBER_CLASSES = bytes.maketrans(b"123456789E", b"000000000e")
+_LONG_RUN = b"0" * 210
+_OUT_OF_RANGE = (
+    "field `data` holds a number a worker cannot decode (past a double's range, like "
+    "1e400, or an integer of over 4300 digits); send it as a string"
+)
+# A message nested too deeply to decode: its `id` is read only from its first fields
+# (up to the first container) or from its last field; a call has at most 4 fields.
+_WS = rb"[ \t\r\n]*"
+_STRING = rb'"(?:[^"\\]|\\.)*"'
+_LEADING_FIELD = re.compile(
+    _WS + rb"(" + _STRING + rb")" + _WS + b":" + _WS
+    + rb"(" + _STRING + rb"|[-+.0-9eE]+|true|false|null)" + _WS + b","
+)
+_LAST_ID = re.compile(
+    b"," + _WS + b'"id"' + _WS + b":" + _WS + rb"(-?[0-9]+|" + _STRING + b"|null)"
+    + _WS + rb"\}" + _WS + rb"\Z"
+)
+_MAX_FIELDS = 4
+_LAST_ID_BYTES = 512  # room for a 64-character id of escapes
 _FIELD_RULES = {
     "op": f"field `op` must be one of {_OPS}",
     "id": f"field `id` must be an integer or a string of at most {MAX_ID_CHARS} characters",
@@ -111,14 +140,16 @@ def decode_message(payload: bytes) -> ClientMessage | BadMessage:
     except msgspec.DecodeError as exc:
         return BadMessage(ErrorCode.BAD_FRAME, f"not valid UTF-8 JSON ({exc})")
     except RecursionError:
-        return BadMessage(ErrorCode.BAD_REQUEST, "JSON nested too deeply", None)
+        return BadMessage(ErrorCode.BAD_REQUEST, "JSON nested too deeply", _shallow_id(payload))
     match message:
         case _Call(id=id, route=route, data=raw):
-            data = _utf8_or_none(raw)
-            return Call(id, route, data) if data is not None else _bad_utf8(id)
+            data = bytes(raw)
+            bad = _bad_data(data, id)
+            return Call(id, route, data) if bad is None else bad
         case _Send(route=route, data=raw, id=id):
-            data = _utf8_or_none(raw)
-            return Send(route, data, id) if data is not None else _bad_utf8(id)
+            data = bytes(raw)
+            bad = _bad_data(data, id)
+            return Send(route, data, id) if bad is None else bad
         case _Auth(token=token, id=id):
             return Auth(token, id)
         case _Sub(room=room, id=id):
@@ -130,19 +161,56 @@ def decode_message(payload: bytes) -> ClientMessage | BadMessage:
     raise AssertionError(f"unhandled message type {type(message).__name__}")
 
 
-def _utf8_or_none(raw: msgspec.Raw) -> bytes | None:
-    """The raw `data` bytes, or None when not UTF-8 (msgspec skips them unchecked)."""
-    data = bytes(raw)
+def _bad_data(data: bytes, id: RequestId | None) -> BadMessage | None:
+    """Why no worker could decode the raw `data` bytes, if so: not UTF-8 (msgspec
+    skips `data` unchecked), or a number out of the decoder's range (every attempt
+    would fail)."""
     if not data.isascii():
         try:
             data.decode()
         except UnicodeDecodeError:
+            return BadMessage(ErrorCode.BAD_FRAME, "not valid UTF-8 JSON", id)
+    if data[0] == _QUOTE:
+        return None
+    if len(data) > _DECODE_UP_TO:
+        classes = data.translate(_NUMBER_CLASSES, b"+")
+        if _LONG_RUN not in classes and (b"e" not in classes or b"e000" not in classes):
             return None
-    return data
+    try:
+        _decode_any(data)  # as a worker does
+    except msgspec.ValidationError:  # the only one: the syntax was checked
+        return BadMessage(ErrorCode.BAD_REQUEST, _OUT_OF_RANGE, id)
+    except RecursionError:  # deeper in Python's stack than the message's decoding was
+        return BadMessage(ErrorCode.BAD_REQUEST, "JSON nested too deeply", id)
+    return None
 
 
-def _bad_utf8(id: RequestId | None) -> BadMessage:
-    return BadMessage(ErrorCode.BAD_FRAME, "not valid UTF-8 JSON", id)
+def _shallow_id(payload: bytes) -> RequestId | None:
+    """The `id` of a message nested too deeply to decode, when it is among the fields
+    before the first container, or the last field (as `portao.client` writes it)."""
+    start = _OBJECT_START.match(payload)
+    if start is None:
+        return None
+    position = start.end()
+    value = None
+    for _ in range(_MAX_FIELDS):
+        field = _LEADING_FIELD.match(payload, position)
+        if field is None:
+            break
+        if field.group(1) == b'"id"':
+            value = field.group(2)
+            break
+        position = field.end()
+    if value is None:
+        last = _LAST_ID.search(payload, max(0, len(payload) - _LAST_ID_BYTES))
+        if last is None:
+            return None
+        value = last.group(1)
+    try:
+        found: RequestId | None = _id_value_decoder.decode(value)
+    except (msgspec.ValidationError, msgspec.DecodeError):
+        return None
+    return found
 
 
 def _read_id(payload: bytes) -> RequestId | None:
