@@ -176,13 +176,20 @@ async def test_sigterm_drains_every_process_with_calls_in_flight_answered(
 
 
 async def test_a_process_failing_before_any_served_stops_the_supervisor(tmp_path: Path) -> None:
-    with processes(tmp_path) as procs:
+    # A socket without SO_REUSEPORT holds the port: every process fails to listen.
+    # (A broker down at start no longer fails a gateway: it starts not ready.)
+    with socket.socket() as holder, processes(tmp_path) as procs:
+        holder.bind(("127.0.0.1", 0))
+        holder.listen()
+        port = holder.getsockname()[1]
         parent = procs.spawn(
             "gateway", "--processes", "2", "--broker", "redis://127.0.0.1:1/0",
-            "--listen", f"tcp://127.0.0.1:{free_port_block(1)}", name="supervisor",
+            "--listen", f"tcp://127.0.0.1:{port}", name="supervisor",
         )  # fmt: skip
         assert await wait_exit(parent, 60) == 1
-        assert "before it served; giving up" in procs.logs()
+        logs = procs.logs()
+        assert "before it served; giving up" in logs
+        assert "address already in use" in logs
 
 
 def test_processes_need_fixed_ports(tmp_path: Path) -> None:
