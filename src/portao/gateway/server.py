@@ -31,7 +31,7 @@ from portao.envelope import (
     Reply,
     new_gateway_id,
 )
-from portao.errors import BrokerError, ErrorCode
+from portao.errors import BrokerError, ErrorCode, UnknownRoute
 from portao.gateway.connection import CLOSE_GRACE_S, ClientConnection, FarDeadlines
 from portao.gateway.listeners import ListenSpec, open_server, parse_listen
 from portao.routing.pending import PendingCall, PendingCalls
@@ -367,7 +367,10 @@ class Gateway:
                 raise error
             self.stats.publish_failures += 1
             self.stats.count_error(error.code.value)
-            self._publish_failures.failed(error.code.value, str(error))
+            # The route a client asked for is its input: never in the logs.
+            reason = "no worker registered the route" if isinstance(error, UnknownRoute) \
+                else str(error)
+            self._publish_failures.failed(error.code.value, reason)
             # A call already answered `timeout` gets nothing more; anything else is
             # told the broker did not take it (never dropped silently).
             if envelope.kind == "call" and self.pending.pop(envelope.id, conn.conn_id) is None:
