@@ -82,3 +82,5 @@ def setup_logging(settings: Settings, stream: TextIO | None = None) -> None:
     root.setLevel(settings.log_level.upper())
     for name in _QUIET:
         logging.getLogger(name).setLevel(max(logging.INFO, root.level))
+    # aiormq logs every failed dial at ERROR; portao's own warning says it, with the retry.
+    logging.getLogger("aiormq.connection").setLevel(logging.CRITICAL)

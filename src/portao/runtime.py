@@ -9,6 +9,7 @@ right after start until the drain has ended: `/readyz` answers 503 while drainin
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import errno
 import logging
 import resource
@@ -23,6 +24,7 @@ from portao.admin.server import AdminServer, ReadyCheck, build_admin_app
 from portao.broker.base import Broker, StateStore
 from portao.broker.factory import create_broker, create_state
 from portao.broker.memory import MemoryBroker
+from portao.client import Backoff
 from portao.config import (
     GATEWAY_LISTEN,
     RUN_LISTEN,
@@ -30,7 +32,7 @@ from portao.config import (
     describe_os_error,
     mask_url,
 )
-from portao.errors import ConfigError
+from portao.errors import BrokerUnavailable, ConfigError
 from portao.gateway.server import Gateway
 from portao.session.auth import TokenVerifier
 from portao.worker.app import App
@@ -214,13 +216,15 @@ async def serve_worker(settings: Settings, app: App) -> None:
     registry = build_registry(worker=worker, brokers=[broker])
     stop = stop_event()
     admin: AdminServer | None = None
-    await broker.connect()
+    links: list[Broker | StateStore] = [broker]
     if state is not broker:  # type: ignore[comparison-overlap]
-        await state.connect()
+        links.append(state)
     try:
         admin = await start_admin(
             settings, registry, _async(lambda: broker.is_ready() and not worker.stopping)
         )
+        if not await _connect_until_stopped(links, stop):
+            return
         task = asyncio.create_task(worker.run(), name="worker")
         stopped = asyncio.create_task(stop.wait())
         await asyncio.wait({task, stopped}, return_when=asyncio.FIRST_COMPLETED)
@@ -233,6 +237,25 @@ async def serve_worker(settings: Settings, app: App) -> None:
         if state is not broker:  # type: ignore[comparison-overlap]
             await state.aclose()
         await broker.aclose()
+
+
+async def _connect_until_stopped(links: list[Broker | StateStore], stop: asyncio.Event) -> bool:
+    """Open each link, waiting out a broker that is down at start (backoff with jitter),
+    as a gateway does; False if asked to stop first."""
+    backoff = Backoff(base_s=0.5, cap_s=10.0)
+    for link in links:
+        while True:
+            try:
+                await link.connect()
+                break
+            except BrokerUnavailable as exc:
+                delay = backoff.next_delay_s()
+                log.warning("cannot reach the broker; retrying in %.1f s: %s", delay, exc)
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(stop.wait(), delay)
+                if stop.is_set():
+                    return False
+    return True
 
 
 def _async(check: Callable[[], bool]) -> ReadyCheck:
