@@ -7,6 +7,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+import redis
 
 pytest.importorskip("hdrh", reason="needs the bench extra: pip install -e '.[bench]'")
 pytest.importorskip("matplotlib", reason="needs the bench extra: pip install -e '.[bench]'")
@@ -91,3 +92,18 @@ def test_the_socketio_peer_speaks_the_same_workload(redis_url: str) -> None:
     assert rpc["done"] > 0
     assert rpc["errors"] == {}
     assert idle["done"] == 10
+
+
+@pytest.mark.slow
+def test_a_redis_target_answers_then_leaves_no_keys(redis_url: str) -> None:
+    client = redis.Redis.from_url(redis_url)
+    before = set(client.scan_iter(match="bench*", count=1000))
+    secret = generate_secret()
+    with targets.started("redis", secret, redis_url) as target:
+        options = loadgen.Options("rpc", target.url, connections=5, processes=1,
+                                  duration_s=0.3, warmup_s=0.1, secret=secret)
+        rpc = loadgen.run(options)
+        assert set(client.scan_iter(match="bench*", count=1000)) - before  # it used Redis
+    assert rpc["done"] > 0
+    assert set(client.scan_iter(match="bench*", count=1000)) - before == set()
+    client.close()

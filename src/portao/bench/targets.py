@@ -22,6 +22,8 @@ import uuid
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 
+import redis
+
 from portao.bench.link import Link, open_link
 from portao.bench.loadgen import link_url
 from portao.bench.scenarios import DIALECTS
@@ -62,7 +64,7 @@ class Target:
         return KINDS[self.kind]
 
 
-def _commands(kind: str, url: str, redis_url: str) -> list[list[str]]:
+def _commands(kind: str, url: str, redis_url: str, prefix: str) -> list[list[str]]:
     python = [sys.executable, "-m"]
     quiet = ["--log-level", "warning"]
     match kind:
@@ -77,10 +79,10 @@ def _commands(kind: str, url: str, redis_url: str) -> list[list[str]]:
             return [[*python, "portao.cli", "bench", "socketio", "--listen", url,
                      "--redis", redis_url, "--channel", channel]]
         case "redis" | "redis-ws":
-            prefix = ["--broker", redis_url, "--prefix", f"bench{uuid.uuid4().hex[:8]}", *quiet]
+            broker = ["--broker", redis_url, "--prefix", prefix, *quiet]
             return [
-                [*python, "portao.cli", "gateway", "--listen", url, *prefix],
-                [*python, "portao.cli", "worker", *prefix],
+                [*python, "portao.cli", "gateway", "--listen", url, *broker],
+                [*python, "portao.cli", "worker", *broker],
             ]
     raise ValueError(f"unknown target {kind!r} (known: {', '.join(KINDS)})")
 
@@ -99,9 +101,12 @@ def started(kind: str, secret: str, redis_url: str = DEFAULT_REDIS) -> Iterator[
     url = f"{scheme}://127.0.0.1:{free_port()}" + ("/" if scheme == "ws" else "")
     env = {**os.environ, "PORTAO_JWT_SECRET": secret}
     target = Target(kind, url)
+    prefix = f"bench{uuid.uuid4().hex[:8]}"
     with contextlib.ExitStack() as stack:
+        if kind.startswith("redis"):
+            stack.callback(delete_prefix, redis_url, prefix)
         stack.callback(stop, target)
-        for command in _commands(kind, url, redis_url):
+        for command in _commands(kind, url, redis_url, prefix):
             log = stack.enter_context(tempfile.TemporaryFile())
             target.logs.append(log)
             target.processes.append(
@@ -110,6 +115,15 @@ def started(kind: str, secret: str, redis_url: str = DEFAULT_REDIS) -> Iterator[
             )
         wait_answering(target, secret)
         yield target
+
+
+def delete_prefix(redis_url: str, prefix: str) -> None:
+    """The run's keys leave with it: the Redis it used is usually not the bench's own."""
+    client = redis.Redis.from_url(redis_url)
+    with contextlib.closing(client):
+        keys = list(client.scan_iter(match=f"{prefix}:*", count=1000))
+        for start in range(0, len(keys), 1000):
+            client.delete(*keys[start : start + 1000])
 
 
 def stop(target: Target) -> None:
