@@ -37,7 +37,7 @@ async def test_publish_failures_are_logged_rate_limited(
         "publish failed (overloaded) 1 time since the last report; "
         "last: route 'nobody.reads' holds 1 messages",
         "publish failed (unknown_route) 1 time since the last report; "
-        "last: no worker registered route 'no.such.route'",
+        "last: no worker registered the route",  # a client's route name is its input
     ]
     # The other 19 are told in one line once the cause's quiet time is over.
     await eventually(lambda: len(lines()) == 3, timeout_s=2.0)
