@@ -91,8 +91,8 @@ async def test_retries_with_attempt_and_doubling_delay(make_settings: MakeSettin
     second_gap = attempts[2][1] - attempts[1][1]
     # Lower bounds prove the doubling; upper ones are slack. uvloop's timers count
     # whole milliseconds from the loop's cached time, so one may fire a little early.
-    assert 0.098 <= first_gap < 0.25
-    assert 0.198 <= second_gap < 0.35
+    assert 0.098 <= first_gap < 0.6  # upper bounds: generous for a loaded CI machine
+    assert 0.198 <= second_gap < 0.7
     assert (worker.stats.failed_attempts, worker.stats.retries, worker.stats.handled) == (2, 2, 1)
 
 
