@@ -49,14 +49,15 @@ async def client(port: int, user: str) -> Client:
 
 
 async def until_served(c: Client, timeout_s: float = 20.0) -> None:
-    """Wait until a worker has registered the app's routes."""
+    """Wait until a worker has registered the app's routes (and, on RabbitMQ, its
+    just-declared queues take messages)."""
     deadline = time.monotonic() + timeout_s
     while True:
         try:
             await c.call("echo", None)
             return
         except RequestError as exc:
-            if exc.code != "unknown_route" or time.monotonic() > deadline:
+            if exc.code not in ("unknown_route", "unavailable") or time.monotonic() > deadline:
                 raise
             await asyncio.sleep(0.1)
 

@@ -200,7 +200,21 @@ class AmqpBroker:
         if outcome == "returned":
             raise UnknownRoute(f"no worker registered route {route!r}")
         if outcome == "nacked":
-            raise QueueFull(f"route {route!r} is at max_queue_length")
+            raise await self._refusal(route)
+
+    async def _refusal(self, route: str) -> QueueFull | BrokerUnavailable:
+        """Why RabbitMQ nacked a publish. A nack carries no reason: it is a full queue
+        (reject-publish), or a quorum queue that cannot take messages now (seen right
+        after it was declared, before its leader is up). The queue's depth tells."""
+        queue = self._topology.route_queue(route)
+        async with self._operation("checking why a publish was refused"):
+            admin = await self._link.admin(self._link.connection())
+            declared = await admin.queue_declare(queue, passive=True)
+        limit = self._topology.route_queue_args(route)["x-max-length"]
+        if (declared.message_count or 0) >= limit:
+            return QueueFull(f"route {route!r} is at max_queue_length")
+        return BrokerUnavailable(f"RabbitMQ refused a message for route {route!r} "
+                                 f"with {declared.message_count} waiting (queue not available)")
 
     async def _publish(
         self,
