@@ -11,6 +11,7 @@ import contextlib
 import dataclasses
 import json
 import logging
+import socket
 import ssl
 import struct
 import time
@@ -276,6 +277,42 @@ async def test_keepalive_pings_and_closes_a_silent_peer(
     writer.close()
     # the live client went through the same pings and is still there
     assert await live.request({"op": "ping"}) == {"op": "pong"}
+
+
+async def test_a_ping_flood_that_never_reads_is_a_slow_consumer(
+    stack_factory: StackFactory,
+) -> None:
+    """Pongs the protocol answers by itself count against the outbound cap too
+    (a client flooding pings and never reading grew the gateway without bound)."""
+    stack = await stack_factory(outbound_buffer_bytes=64 * 1024)
+    url = await listen(stack, "ws://127.0.0.1:0/")
+    host, port = stack.gateway.addresses[-1]
+    client = ClientProtocol(parse_uri(url), logger=_QUIET)
+    client.send_request(client.connect())
+    handshake = b"".join(client.data_to_send())
+    ping = Frame(Opcode.PING, b"p" * 125).serialize(mask=True, extensions=[])
+    flood = ping * 2000  # the same masked frame, 262 KB
+    sock = socket.socket()
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+    sock.setblocking(False)
+    loop = asyncio.get_running_loop()
+    try:
+        await loop.sock_connect(sock, (host, port))
+        await loop.sock_sendall(sock, handshake)
+        assert b" 101 " in await loop.sock_recv(sock, 4096)
+        deadline = time.monotonic() + 20
+        while not stack.gateway.stats.slow_consumers and time.monotonic() < deadline:
+            try:
+                sock.send(flood)  # never a byte read from here on
+            except BlockingIOError:
+                await asyncio.sleep(0.005)
+            except OSError:
+                break  # closed by the gateway
+            await asyncio.sleep(0)
+        assert stack.gateway.stats.slow_consumers == 1
+        await eventually(lambda: not stack.gateway.conns)
+    finally:
+        sock.close()
 
 
 async def test_connection_cap_bye_overloaded_1013(

@@ -425,6 +425,8 @@ class ClientConnection(asyncio.Protocol):
         out = self._codec.data_to_send()
         if out and self._transport is not None:
             self._transport.write(out)
+            if not self._closing:  # pongs to a ping flood count against the cap too
+                self._check_buffer()
 
     def _auth_from_url(self, token: str) -> None:
         """`?token=`: `ok` at once, or `bye unauthorized` (close 1008), never an error."""
