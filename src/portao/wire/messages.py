@@ -94,10 +94,9 @@ _FIELD_ERROR = re.compile(r" - at `\$\.([A-Za-z_]+)`$")
 _FIELD_NAME = re.compile(r"field `(.*)`$", re.DOTALL)
 # A number a worker cannot decode: a double overflows only with an exponent of 3+
 # digits, or 210+ digits before an exponent of 2; an integer of over 4300 digits is
-# refused too. A string holds no number; other small `data` is decoded to check (the
-# cheapest way), larger `data` only when, digits made "0", "E" made "e" and "+"
-# dropped, it holds "e000" or 210 "0"s.
-_DECODE_UP_TO = 256
+# refused too. A string holds no number; other `data` is decoded to check only when,
+# digits made "0", "E" made "e" and "+" dropped, it holds "e000" or 210 "0"s (a scan
+# in C, so the usual message is never decoded twice).
 _QUOTE = ord('"')
 _decode_any = msgspec.json.decode
 _NUMBER_CLASSES = bytes.maketrans(b"123456789E", b"000000000e")
@@ -172,10 +171,9 @@ def _bad_data(data: bytes, id: RequestId | None) -> BadMessage | None:
             return BadMessage(ErrorCode.BAD_FRAME, "not valid UTF-8 JSON", id)
     if data[0] == _QUOTE:
         return None
-    if len(data) > _DECODE_UP_TO:
-        classes = data.translate(_NUMBER_CLASSES, b"+")
-        if _LONG_RUN not in classes and (b"e" not in classes or b"e000" not in classes):
-            return None
+    classes = data.translate(_NUMBER_CLASSES, b"+")
+    if b"e000" not in classes and _LONG_RUN not in classes:
+        return None
     try:
         _decode_any(data)  # as a worker does
     except msgspec.ValidationError:  # the only one: the syntax was checked
