@@ -104,3 +104,11 @@ class RedisServer:
         if self.process is not None and self.process.poll() is None:
             self.process.kill()
             self.process.wait(timeout=10)
+
+    def __enter__(self) -> RedisServer:
+        """Started; killed on leaving, whatever happened."""
+        self.start()
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.kill()

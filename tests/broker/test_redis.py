@@ -48,12 +48,8 @@ async def until(condition: Callable[[], object], within_s: float = 10.0) -> None
 
 @pytest.fixture
 def private_redis(tmp_path: Path) -> Iterator[RedisServer]:
-    server = RedisServer(tmp_path)
-    server.start()
-    try:
+    with RedisServer(tmp_path) as server:
         yield server
-    finally:
-        server.kill()
 
 
 @pytest.fixture

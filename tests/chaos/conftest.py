@@ -51,12 +51,8 @@ def redis_server(tmp_path: Path) -> Iterator[RedisServer]:
     """A redis-server of the test's own (spare port, AOF always), killed after."""
     directory = tmp_path / "redis"
     directory.mkdir()
-    server = RedisServer(directory)
-    server.start()
-    try:
+    with RedisServer(directory) as server:
         yield server
-    finally:
-        server.kill()
 
 
 @pytest.fixture
