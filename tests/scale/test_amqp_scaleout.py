@@ -23,7 +23,7 @@ from tests.broker.backend_redis import SHARED_URL, delete_prefix
 from tests.broker.conftest import make_envelope
 from tests.broker.test_amqp import close_connections, connected
 from tests.conftest import REDIS_HOST, REDIS_PORT, require_service
-from tests.procs import free_port, processes
+from tests.procs import processes
 from tests.scale.test_redis_scaleout import (
     APP,
     Calls,
@@ -31,6 +31,7 @@ from tests.scale.test_redis_scaleout import (
     chat_across_gateways,
     client,
     many_calls,
+    two_gateways,
     until_served,
 )
 
@@ -93,9 +94,7 @@ async def test_connections_closed_by_the_broker_recover_and_lose_nothing(
     """
     settings = on_amqp(vhost, prefix, visibility_timeout_s="1", call_timeout_s="60")
     with processes(tmp_path, **settings) as procs:
-        ports = [free_port(), free_port()]
-        for i, port in enumerate(ports):
-            procs.gateway(port, name=f"gateway{i}")
+        ports = two_gateways(procs)
         for i in range(2):
             procs.worker(APP, name=f"worker{i}")
         clients = [await client(ports[i % 2], f"user{i}") for i in range(200)]

@@ -24,7 +24,7 @@ from portao.errors import RequestError
 from portao.session.auth import mint_token
 from tests.broker.backend_redis import delete_prefix
 from tests.conftest import REDIS_HOST, REDIS_PORT, require_service
-from tests.procs import SECRET, free_port, processes, wait_exit
+from tests.procs import SECRET, Procs, free_port, processes, wait_exit
 
 pytestmark = pytest.mark.redis
 
@@ -48,6 +48,14 @@ async def client(port: int, user: str) -> Client:
     return await connect(f"tcp://127.0.0.1:{port}", token=token(user))
 
 
+def two_gateways(procs: Procs) -> list[int]:
+    """Start gateway0 and gateway1; their client ports."""
+    ports = [free_port(), free_port()]
+    for i, port in enumerate(ports):
+        procs.gateway(port, name=f"gateway{i}")
+    return ports
+
+
 async def until_served(c: Client, timeout_s: float = 20.0) -> None:
     """Wait until a worker has registered the app's routes (and, on RabbitMQ, its
     just-declared queues take messages)."""
@@ -69,9 +77,7 @@ async def test_two_gateways_two_workers_chat(tmp_path: Path, prefix: str) -> Non
 async def chat_across_gateways(tmp_path: Path, **settings: str) -> None:
     """Users on two gateways chat in one room served by two workers."""
     with processes(tmp_path, **settings) as procs:
-        ports = [free_port(), free_port()]
-        for i, port in enumerate(ports):
-            procs.gateway(port, name=f"gateway{i}")
+        ports = two_gateways(procs)
         for i in range(2):
             procs.worker(APP, name=f"worker{i}")
         alice = await client(ports[0], "alice")
@@ -152,9 +158,7 @@ async def calls_survive_a_killed_worker(tmp_path: Path, **settings: str) -> None
     """10,000 calls over two gateways; a worker in the midst of them is SIGKILLed and a
     new one started: every call is answered exactly once, with its own data."""
     with processes(tmp_path, **settings) as procs:
-        ports = [free_port(), free_port()]
-        for i, port in enumerate(ports):
-            procs.gateway(port, name=f"gateway{i}")
+        ports = two_gateways(procs)
         victim = procs.worker(APP, name="victim")
         procs.worker(APP, name="survivor")
         clients = [await client(ports[i % 2], f"user{i}") for i in range(200)]
