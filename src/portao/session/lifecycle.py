@@ -130,10 +130,6 @@ class Session:
 
     # -- rooms (the gateway's bookkeeping of this connection's memberships) -------
 
-    @property
-    def rooms(self) -> frozenset[str]:
-        return frozenset(self._rooms or ())
-
     def add_room(self, room: str) -> None:
         if self._rooms is None:
             self._rooms = set()
